@@ -1,0 +1,78 @@
+// Chat templates: a Jinja engine for the chat templates that ship with Hugging Face
+// models (tokenizer_config.json "chat_template", chat_template.jinja), rendering them
+// byte for byte as Python's jinja2 does in transformers' apply_chat_template: an
+// ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols
+// extension ({% break %}, {% continue %}), {% generation %} blocks, HF's tojson
+// (json.dumps, ensure_ascii=False) and the globals raise_exception and strftime_now.
+//
+// Supported (docs/preprocess.md lists it): {{ }}, {% if/elif/else %}, {% for %} with
+// tuple targets, an `if` filter, `else` and loop.* (index, index0, revindex, revindex0,
+// first, last, length, previtem, nextitem, cycle), {% set %} (names, tuples, namespace
+// attributes, blocks), {% macro %}, {# #}, whitespace control ({%- -%} {%+), Python
+// literals, arithmetic, comparisons, `in`, `~`, conditional expressions, slicing
+// (incl. [::-1]), attribute/item access, str/dict methods, the filters and tests a
+// chat template uses, and jinja2's default Undefined (prints as "", falsy, iterates
+// empty; attribute access or arithmetic on it is an error).
+// Anything else is refused with "chat template line N: unsupported ...", never
+// approximated: at load time for tags, filters and tests, at render time for methods.
+//
+// No dependency other than nlohmann-json (messages come as JSON).
+#pragma once
+#include <ctime>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace dpo {
+
+/// A template that cannot be parsed, uses an unsupported construct, or fails while
+/// rendering (raise_exception, undefined attribute access, type errors). what() is
+/// "chat template line N: <reason>"; line() is N (0 when no line applies).
+class ChatTemplateError : public std::runtime_error {
+ public:
+  ChatTemplateError(int line, const std::string& message);
+  int line() const { return line_; }
+  /// The reason without the "chat template line N: " prefix.
+  const std::string& reason() const { return reason_; }
+
+ private:
+  int line_;
+  std::string reason_;
+};
+
+class ChatTemplate {
+ public:
+  /// Parses `source` (the template text as stored in tokenizer_config.json). Throws
+  /// ChatTemplateError on a syntax error or an unsupported tag, filter or test.
+  explicit ChatTemplate(const std::string& source);
+  ~ChatTemplate();
+  ChatTemplate(ChatTemplate&&) noexcept;
+  ChatTemplate& operator=(ChatTemplate&&) noexcept;
+  ChatTemplate(const ChatTemplate&) = delete;
+  ChatTemplate& operator=(const ChatTemplate&) = delete;
+
+  /// bos_token / eos_token variables; std::nullopt (the default) leaves them undefined,
+  /// as transformers does for a tokenizer without that token (Qwen has no bos).
+  void set_bos_token(std::optional<std::string> token);
+  void set_eos_token(std::optional<std::string> token);
+  /// Extra variables (transformers' **kwargs of apply_chat_template, e.g.
+  /// {"enable_thinking": false}); must be a JSON object. Replaces earlier extras.
+  void set_extra_variables(const nlohmann::ordered_json& vars);
+  /// The clock of strftime_now(format) (local time, as Python's datetime.now()).
+  /// Unset: the time of each render call.
+  void set_now(std::time_t now);
+
+  /// Renders with `messages` (a JSON array of message objects) and
+  /// add_generation_prompt; tools and documents stay undefined. Throws
+  /// ChatTemplateError (raise_exception, errors at run time). Thread-safe (const).
+  std::string render(const nlohmann::ordered_json& messages, bool add_generation_prompt) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dpo
