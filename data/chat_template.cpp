@@ -854,7 +854,8 @@ class Lexer {
         if (c == '(' || c == '[' || c == '{') {
           brackets.push_back(c == '(' ? ')' : c == '[' ? ']' : '}');
         } else if (c == ')' || c == ']' || c == '}') {
-          if (brackets.empty() || brackets.back() != c) fail(line, std::string("unexpected '") + c + "'");
+          if (brackets.empty()) fail(line, std::string("unexpected '") + c + "'");
+          if (brackets.back() != c) fail(line, std::string("unexpected '") + c + "', expected '" + brackets.back() + "'");
           brackets.pop_back();
         }
         emit(Tok::kOp, std::string(1, c), line);

@@ -1,0 +1,179 @@
+// The Jinja engine against Python's jinja2: every golden of
+// tests/data/fixtures/chat/goldens.json (real Llama 3/3.1/3.2 and Qwen 2.5/3 templates,
+// plus a template of engine features) rendered byte for byte; then the errors: an
+// unsupported construct names its template line, raise_exception carries its message.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "data/chat_template.h"
+
+namespace dpo {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+const std::string kDir = std::string(DPO_SOURCE_DIR) + "/tests/data/fixtures/chat/";
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  EXPECT_TRUE(f.good()) << path;
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+class ChatGoldens : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // The goldens' strftime_now ran at a fixed time in UTC.
+    setenv("TZ", "UTC", 1);
+    tzset();
+  }
+};
+
+// Renders every golden row of one template; returns the number compared.
+int check_template(const std::string& name) {
+  const json cases = json::parse(slurp(kDir + "cases.json"));
+  const json goldens = json::parse(slurp(kDir + "goldens.json"));
+  const json& rows = goldens["goldens"][name];
+  EXPECT_FALSE(rows.empty()) << name;
+  ChatTemplate t(slurp(kDir + name));
+  const json& tokens = cases["special_tokens"][name];
+  if (tokens.contains("bos_token") && tokens["bos_token"].is_string()) t.set_bos_token(tokens["bos_token"].get<std::string>());
+  if (tokens.contains("eos_token") && tokens["eos_token"].is_string()) t.set_eos_token(tokens["eos_token"].get<std::string>());
+  t.set_now(std::time_t(goldens["now"].get<int64_t>()));
+  int n = 0;
+  for (const auto& row : rows) {
+    const json* c = nullptr;
+    for (const auto& x : cases["cases"])
+      if (x["name"] == row["case"]) c = &x;
+    EXPECT_NE(c, nullptr) << row["case"];
+    if (!c) continue;
+    t.set_extra_variables(c->contains("extra") ? (*c)["extra"] : json::object());
+    const bool agp = row["add_generation_prompt"].get<bool>();
+    const std::string what = name + " case " + row["case"].get<std::string>() + " add_generation_prompt=" + (agp ? "true" : "false");
+    if (row.contains("error")) {
+      try {
+        std::string out = t.render((*c)["messages"], agp);
+        ADD_FAILURE() << what << ": rendered, jinja2 raised " << row["error"] << "; got\n" << out;
+      } catch (const ChatTemplateError& e) {
+        // raise_exception's message is jinja2's; other errors only need to happen.
+        const std::string expected = row["error"].get<std::string>();
+        if (std::string(e.what()).find("raise_exception") != std::string::npos) {
+          EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << what << ": " << e.what();
+        }
+        EXPECT_GT(e.line(), 0) << what;
+      }
+    } else {
+      std::string out;
+      try {
+        out = t.render((*c)["messages"], agp);
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << what << ": " << e.what();
+        continue;
+      }
+      EXPECT_EQ(out, row["output"].get<std::string>()) << what;
+    }
+    ++n;
+  }
+  return n;
+}
+
+TEST_F(ChatGoldens, Llama3Instruct) { EXPECT_EQ(check_template("llama3_instruct.jinja"), 12); }
+TEST_F(ChatGoldens, Llama31Instruct) { EXPECT_EQ(check_template("llama3_1_instruct.jinja"), 16); }
+TEST_F(ChatGoldens, Llama32Instruct) { EXPECT_EQ(check_template("llama3_2_instruct.jinja"), 16); }
+TEST_F(ChatGoldens, Qwen25Instruct) { EXPECT_EQ(check_template("qwen2_5_instruct.jinja"), 16); }
+TEST_F(ChatGoldens, Qwen3) { EXPECT_EQ(check_template("qwen3.jinja"), 20); }
+TEST_F(ChatGoldens, EngineFeatures) { EXPECT_EQ(check_template("engine_features.jinja"), 16); }
+
+// The error a template raises at load or render time.
+std::string error_of(const std::string& source, const json& messages = json::array(), int* line = nullptr) {
+  try {
+    ChatTemplate t(source);
+    t.render(messages, true);
+  } catch (const ChatTemplateError& e) {
+    if (line) *line = e.line();
+    return e.what();
+  }
+  return "";
+}
+
+TEST(ChatTemplateErrors, UnsupportedFilterNamesItsLine) {
+  int line = 0;
+  const std::string e = error_of("{{ 'a' }}\n\n{% if x %}\n  {{ x | frobnicate }}\n{% endif %}", json::array(), &line);
+  EXPECT_EQ(e, "chat template line 4: unsupported filter 'frobnicate'");
+  EXPECT_EQ(line, 4);
+}
+
+TEST(ChatTemplateErrors, UnsupportedTagTestAndMethod) {
+  EXPECT_EQ(error_of("a\n{% include 'x.jinja' %}"), "chat template line 2: unsupported tag 'include'");
+  EXPECT_EQ(error_of("{{ 1 is prime }}"), "chat template line 1: unsupported test 'prime'");
+  EXPECT_EQ(error_of("\n{% for m in messages recursive %}{% endfor %}"), "chat template line 2: unsupported: recursive for loops");
+  EXPECT_EQ(error_of("{{ 'x'.format(1) }}"), "chat template line 1: unsupported str method 'format'");
+  EXPECT_EQ(error_of("{{ '%s' % 1 }}"), "chat template line 1: printf-style '%' string formatting is not supported by this engine");
+}
+
+TEST(ChatTemplateErrors, SyntaxErrors) {
+  EXPECT_EQ(error_of("{% if x %}\nno end"), "chat template line 2: unexpected end of template: a block is not closed (expected 'elif' or 'else' or 'endif')");
+  EXPECT_EQ(error_of("{{ 'abc }}"), "chat template line 1: unterminated string literal");
+  EXPECT_EQ(error_of("\n\n{% endfor %}"), "chat template line 3: unexpected 'endfor' (no open block expects it here)");
+  EXPECT_EQ(error_of("{{ (1 }}"), "chat template line 1: unexpected '}', expected ')'");
+  EXPECT_EQ(error_of("{{ 1 "), "chat template line 1: unexpected end of template, expected '}}'");
+  EXPECT_EQ(error_of("{% break %}"), "chat template line 1: 'break' outside of a for loop");
+}
+
+TEST(ChatTemplateErrors, RaiseExceptionCarriesTheMessage) {
+  const std::string src =
+      "{% for m in messages %}\n"
+      "{% if m.role not in ['user', 'assistant'] %}\n"
+      "{{ raise_exception('Only user and assistant roles are supported!') }}\n"
+      "{% endif %}\n"
+      "{% endfor %}";
+  int line = 0;
+  const std::string e = error_of(src, json::parse(R"([{"role":"user","content":"a"},{"role":"robot","content":"b"}])"), &line);
+  EXPECT_EQ(e, "chat template line 3: raise_exception: Only user and assistant roles are supported!");
+  EXPECT_EQ(line, 3);
+}
+
+TEST(ChatTemplateErrors, UndefinedSemantics) {
+  // Printing, testing and iterating an undefined value are fine ...
+  ChatTemplate t("[{{ nothing }}][{{ nothing is defined }}][{% for x in nothing %}x{% endfor %}][{{ nothing | length }}]");
+  EXPECT_EQ(t.render(json::array(), false), "[][False][][0]");
+  // ... attribute access and arithmetic are not (jinja2's default Undefined).
+  EXPECT_EQ(error_of("{{ nothing.attr }}"), "chat template line 1: 'nothing' is undefined");
+  EXPECT_EQ(error_of("\n{{ 1 + nothing }}"), "chat template line 2: 'nothing' is undefined");
+  EXPECT_EQ(error_of("{{ messages[0].content }}"), "chat template line 1: list object has no element 0");
+  // A missing key of a defined object is undefined, its attribute an error.
+  EXPECT_EQ(error_of("{{ messages[0].tool_calls.x }}", json::parse(R"([{"role":"user"}])")),
+            "chat template line 1: 'dict object' has no attribute 'tool_calls'");
+}
+
+TEST(ChatTemplateErrors, TypeErrors) {
+  EXPECT_EQ(error_of("{{ 'a' + 1 }}"), "chat template line 1: can only concatenate str (not \"int\") to str");
+  EXPECT_EQ(error_of("{{ 1 // 0 }}"), "chat template line 1: integer division or modulo by zero");
+  EXPECT_EQ(error_of("{% set x = 1 %}{% set x.y = 2 %}"), "chat template line 1: cannot assign attribute on non-namespace object 'x'");
+  EXPECT_EQ(error_of("{{ messages.append(1) }}"), "chat template line 1: list.append() is not allowed (the template may not change its data)");
+}
+
+TEST(ChatTemplate, BosEosAndExtrasAreVariables) {
+  ChatTemplate t("{{ bos_token }}|{{ eos_token }}|{{ bos_token is defined }}|{{ enable_thinking }}|{{ add_generation_prompt }}");
+  EXPECT_EQ(t.render(json::array(), true), "||False||True");
+  t.set_bos_token("<s>");
+  t.set_eos_token("</s>");
+  t.set_extra_variables(json::parse(R"({"enable_thinking": false})"));
+  EXPECT_EQ(t.render(json::array(), false), "<s>|</s>|True|False|False");
+}
+
+TEST(ChatTemplate, TrailingNewlineAndCrlfAsJinja2) {
+  // keep_trailing_newline=False drops one final newline; CRLF in the source becomes LF.
+  ChatTemplate t("a\r\nb\n\n");
+  EXPECT_EQ(t.render(json::array(), false), "a\nb\n");
+}
+
+}  // namespace
+}  // namespace dpo
