@@ -1,9 +1,16 @@
-# Helpers every CMakeLists.txt in the tree uses: one way to add a library, a
-# tool and a test (labels: unit = no MPI, mpi = through mpirun, slurm, e2e).
+# Helpers every CMakeLists.txt in the tree uses: one way to add a library, a tool and
+# a test (labels: unit = no MPI, mpi = through mpirun, e2e, slurm, cuda).
+#
+# One precompiled torch header for the whole build: dpo_torch_pch compiles
+# cmake/pch_torch.h once and every TORCH target reuses it (REUSE_FROM), instead of
+# each target paying ~40 s for its own copy. GCC takes a PCH only when the flags
+# that shape code generation match, so TORCH targets share one flag set (the -D
+# macros a target adds do not matter: the torch headers do not read them).
 
 set(DPO_PCH_TORCH ${CMAKE_SOURCE_DIR}/cmake/pch_torch.h)
 set(DPO_MPIEXEC ${MPIEXEC_EXECUTABLE})
 set(DPO_MPIEXEC_FLAGS --allow-run-as-root --oversubscribe --bind-to none)
+option(DPO_PCH "Use one shared precompiled libtorch header" ON)
 
 function(_dpo_common target)
   target_include_directories(${target} PUBLIC ${CMAKE_SOURCE_DIR})
@@ -14,7 +21,30 @@ function(_dpo_common target)
   endif()
 endfunction()
 
-# dpo_add_library(name SOURCES a.cpp ... [DEPS lib ...] [TORCH])
+add_library(dpo_torch_pch STATIC ${CMAKE_SOURCE_DIR}/cmake/pch_anchor.cpp)
+_dpo_common(dpo_torch_pch)
+target_link_libraries(dpo_torch_pch PUBLIC ${TORCH_LIBRARIES})
+if(DPO_PCH)
+  target_precompile_headers(dpo_torch_pch PRIVATE ${DPO_PCH_TORCH})
+endif()
+
+# Links libtorch into `target` and lets it reuse the shared precompiled header.
+# The PCH is built -fPIC (a library); executables would compile -fPIE, which GCC
+# refuses to mix with it (-Winvalid-pch: the header is then parsed again, ~15 s a
+# file), so their objects are compiled -fPIC too (they still link as PIE).
+function(_dpo_torch target scope)
+  target_link_libraries(${target} ${scope} ${TORCH_LIBRARIES})
+  if(DPO_PCH)
+    target_precompile_headers(${target} REUSE_FROM dpo_torch_pch)
+    get_target_property(_type ${target} TYPE)
+    if(_type STREQUAL "EXECUTABLE")
+      set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE OFF)
+      target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fPIC>)
+    endif()
+  endif()
+endfunction()
+
+# dpo_add_library(name [TORCH] SOURCES a.cpp ... [DEPS lib ...])
 # TORCH: links libtorch and uses the shared precompiled header.
 function(dpo_add_library name)
   cmake_parse_arguments(A "TORCH" "" "SOURCES;DEPS" ${ARGN})
@@ -22,29 +52,30 @@ function(dpo_add_library name)
   _dpo_common(${name})
   target_link_libraries(${name} PUBLIC ${A_DEPS})
   if(A_TORCH)
-    target_link_libraries(${name} PUBLIC ${TORCH_LIBRARIES})
-    target_precompile_headers(${name} PRIVATE ${DPO_PCH_TORCH})
+    _dpo_torch(${name} PUBLIC)
   endif()
 endfunction()
 
-# dpo_add_tool(name SOURCES main.cpp ... DEPS lib ...): an installed executable.
+# dpo_add_tool(name [TORCH] SOURCES main.cpp ... DEPS lib ...): an installed executable
+# in build/bin (benchmarks use it too: they are built by default).
 function(dpo_add_tool name)
   cmake_parse_arguments(A "TORCH" "" "SOURCES;DEPS" ${ARGN})
   add_executable(${name} ${A_SOURCES})
   _dpo_common(${name})
   target_link_libraries(${name} PRIVATE ${A_DEPS})
   if(A_TORCH)
-    target_link_libraries(${name} PRIVATE ${TORCH_LIBRARIES})
-    target_precompile_headers(${name} PRIVATE ${DPO_PCH_TORCH})
+    _dpo_torch(${name} PRIVATE)
   endif()
   set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
   install(TARGETS ${name} RUNTIME DESTINATION bin)
 endfunction()
 
-# dpo_add_test(name SOURCES t.cpp ... DEPS lib ... [LABEL unit|mpi|...] [NP n] [TORCH]
+# dpo_add_test(name SOURCES t.cpp ... DEPS lib ... [TORCH] [LABEL unit|mpi|...] [NP n]
 #              [TIMEOUT s] [ARGS ...])
-# LABEL unit (default): a GoogleTest executable, each TEST registered with ctest.
-# NP n: run the whole executable under mpirun -np n (label mpi).
+# One GoogleTest executable in build/tests. Without NP: each TEST is its own ctest
+# case (label unit by default). With NP n: the whole executable runs under
+# mpirun -np n as one case named <name>_np<n> (label mpi); call again with another
+# NP to add more rank counts of the same executable.
 function(dpo_add_test name)
   cmake_parse_arguments(A "TORCH" "LABEL;NP;TIMEOUT" "SOURCES;DEPS;ARGS" ${ARGN})
   if(NOT A_LABEL)
@@ -58,8 +89,7 @@ function(dpo_add_test name)
     _dpo_common(${name})
     target_link_libraries(${name} PRIVATE ${A_DEPS} GTest::gtest Threads::Threads)
     if(A_TORCH)
-      target_link_libraries(${name} PRIVATE ${TORCH_LIBRARIES})
-      target_precompile_headers(${name} PRIVATE ${DPO_PCH_TORCH})
+      _dpo_torch(${name} PRIVATE)
     endif()
     target_compile_definitions(${name} PRIVATE DPO_SOURCE_DIR="${CMAKE_SOURCE_DIR}" DPO_BINARY_DIR="${CMAKE_BINARY_DIR}")
     set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)

@@ -1,14 +1,11 @@
-// The training objective that needs no model: per-sequence log-probs of the answer
-// tokens from a model's logits, the DPO losses of TRL's DPOTrainer (sigmoid with
-// label smoothing, robust, hinge, IPO, + the RPO NLL term), their metrics under
-// TRL's names as reducible sums, and the SFT loss. docs/objective.md has the formulas.
+// The training objective that needs no model: the DPO losses of TRL's DPOTrainer
+// (sigmoid with label smoothing, robust, hinge, IPO, + the RPO NLL term), their
+// metrics under TRL's names as reducible sums, and the SFT loss. The per-sequence
+// log-probs they consume come from core/logps.h. docs/objective.md has the formulas.
 //
 // Legend: B = preference pairs in a micro-batch, R = rows (R = 2B for a DPO batch:
 // the B chosen rows first, then the B rejected rows, as TRL's concatenated_forward),
 // T = tokens per row (prompt + answer + padding), V = vocabulary size.
-//
-// Token alignment (causal LM): the log-prob of token t is read from the logits at
-// position t-1, so loss_mask[:, 0] is never used (nothing predicts the first token).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -17,44 +14,9 @@
 
 #include <torch/types.h>
 
+#include "core/logps.h"
+
 namespace dpo {
-
-/// Per-row statistics of the answer tokens of (R, T, V) logits.
-struct SeqLogps {
-  /// Sum over answer tokens of log p(token | prefix), computed with an fp32 (fp64 for
-  /// fp64 logits) log-softmax. Differentiable w.r.t. the logits. 0 for a row without
-  /// answer tokens.
-  torch::Tensor logps;  // (R) fp32 (fp64 for fp64 logits)
-  /// Mean over the row's answer positions of the mean logit over V (the positions
-  /// t-1 that predict answer tokens). Detached. 0 for a row without answer tokens.
-  /// TRL's logits/chosen is a TOKEN-weighted mean over all answer positions of the
-  /// chosen rows: sum_r mean_logits[r] * token_counts[r] / sum_r token_counts[r]
-  /// (not the plain mean over rows, unless all rows have the same answer length).
-  torch::Tensor mean_logits;  // (R) same dtype as logps
-  /// Number of answer tokens that were scored (loss_mask[:, 1:] != 0).
-  torch::Tensor token_counts;  // (R) int64
-};
-
-/// Log-probs of the answer tokens of every row.
-/// logits: any float dtype, any device; never copied whole to fp32: on CPU a
-/// hand-written loop reads each needed position once in place; on other devices
-/// (or `aten` path) each row's needed positions are upcast separately.
-/// Positions that predict no answer token (prompt, padding) cost nothing.
-/// Throws std::runtime_error on bad shapes or an answer token id outside [0, V).
-SeqLogps sequence_logps(const torch::Tensor& logits,     // (R, T, V) float
-                        const torch::Tensor& input_ids,  // (R, T) integer
-                        const torch::Tensor& loss_mask); // (R, T) nonzero at answer tokens
-
-/// logps / token_counts per row (0 where a row has no answer tokens): the
-/// length-averaged log-probs TRL uses for loss_type "ipo".
-torch::Tensor average_by_length(const torch::Tensor& logps,          // (R) float
-                                const torch::Tensor& token_counts);  // (R) int64
-
-/// Mean negative log-likelihood per token over all rows together (token-weighted):
-/// -sum(logps) / sum(token_counts); 0 when there are no tokens. Differentiable
-/// through logps. TRL's RPO nll_loss is this over the chosen rows of one micro-batch.
-torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed log-probs
-                             const torch::Tensor& token_counts);  // (R) int64
 
 /// The DPO objective's options (names as DPOConfig / the dpo_dist command line).
 struct DpoOptions {
@@ -154,17 +116,26 @@ DpoStepLoss dpo_batch_loss(const torch::Tensor& logits,     // (2B, T, V) policy
 struct SftLoss {
   torch::Tensor nll_sum;  // () differentiable: sum over answer tokens of -log p
   int64_t tokens = 0;     // answer tokens in nll_sum
+  int64_t correct = 0;    // answer tokens whose argmax prediction is the token
 };
 SftLoss sft_loss(const torch::Tensor& logits,     // (R, T, V)
                  const torch::Tensor& input_ids,  // (R, T)
                  const torch::Tensor& loss_mask); // (R, T)
 
-namespace detail {
-/// Which kernel sequence_logps uses: automatic = the CPU loop for contiguous CPU
-/// logits, ATen ops otherwise. Exposed for tests that compare the two.
-enum class LogpsKernel { automatic, cpu_loop, aten };
-SeqLogps sequence_logps(const torch::Tensor& logits, const torch::Tensor& input_ids,
-                        const torch::Tensor& loss_mask, LogpsKernel kernel);
-}  // namespace detail
+/// SFT metrics of micro-batches as SUMS (reduce by addition, like DpoMetrics).
+/// averages(): "loss" (token-mean NLL), "mean_token_accuracy" (TRL SFTTrainer's name:
+/// answer tokens predicted by argmax / answer tokens), "answer_tokens".
+struct SftMetrics {
+  double nll_sum = 0, tokens = 0, rows = 0, correct = 0;
+  static constexpr int64_t kNumFields = 4;
+  std::vector<double> to_vector() const { return {nll_sum, tokens, rows, correct}; }
+  /// Throws std::runtime_error unless v has kNumFields values.
+  static SftMetrics from_vector(const std::vector<double>& v);
+  SftMetrics& operator+=(const SftMetrics& o);
+  /// The SftLoss of one micro-batch of `rows` rows.
+  static SftMetrics of(const SftLoss& l, int64_t rows);
+  std::vector<std::pair<std::string, double>> averages(const std::string& prefix) const;
+};
+
 
 }  // namespace dpo

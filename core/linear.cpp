@@ -7,16 +7,12 @@
 
 #include "core/linear4bit.h"
 #include "core/lora.h"
+#include "util/tensor_str.h"
 
 namespace dpo {
 
 namespace {
 
-std::string shape_str(const torch::Tensor& t) {
-  std::string s;
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "x" : "") + std::to_string(t.size(i));
-  return s.empty() ? "scalar" : s;
-}
 
 }  // namespace
 

@@ -97,11 +97,6 @@ torch::autograd::tensor_list Linear4bitFn::backward(torch::autograd::AutogradCon
   return {gx, torch::Tensor()};
 }
 
-void linear4bit_release_workspace() {
-  t_workspace.reset();
-  t_workspace_floats = 0;
-}
-
 torch::Tensor linear4bit_forward(const torch::Tensor& x, const Nf4Tensor& w) {
   if (w.shape.size() != 2)
     throw std::runtime_error("linear4bit_forward: the NF4 weight must be 2-D (O, I), got " +

@@ -18,9 +18,8 @@ namespace dpo {
 torch::Tensor linear4bit_forward(const torch::Tensor& x /* (..., I) */, const Nf4Tensor& w /* (O, I) */);
 
 /// On the CPU in fp32, W is dequantized into a per-thread workspace that grows to
-/// the largest weight seen (and stays: re-faulting fresh pages per matmul costs more
-/// than the dequantization). This frees the calling thread's workspace.
-void linear4bit_release_workspace();
+/// the largest weight seen and stays for the life of the thread (re-faulting fresh
+/// pages per matmul costs more than the dequantization).
 
 /// The autograd function behind linear4bit_forward (exposed for tests).
 struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {

@@ -13,6 +13,8 @@
 
 #include "core/checkpointing.h"
 #include "core/safetensors.h"
+#include "util/fs.h"
+#include "util/tensor_str.h"
 
 namespace dpo {
 namespace fs = std::filesystem;
@@ -59,18 +61,12 @@ bool get_bool(const json& j, const std::string& what, const char* k, bool def) {
 }
 
 std::string dtype_name(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat32: return "float32";
-    case torch::kFloat16: return "float16";
-    case torch::kBFloat16: return "bfloat16";
-    default: throw std::runtime_error(std::string("dtype ") + c10::toString(t) + " is not a model weight dtype (float32, float16, bfloat16)");
-  }
+  if (auto n = weight_dtype_name(t)) return *n;
+  throw std::runtime_error(std::string("dtype ") + c10::toString(t) + " is not a model weight dtype (float32, float16, bfloat16)");
 }
 
 torch::ScalarType dtype_from_name(const std::string& what, const char* field, const std::string& s) {
-  if (s == "float32" || s == "float") return torch::kFloat32;
-  if (s == "float16" || s == "half") return torch::kFloat16;
-  if (s == "bfloat16") return torch::kBFloat16;
+  if (auto t = weight_dtype_from_name(s)) return *t;
   field_fail(what, field, "\"" + s + "\" is not supported (float32, float16, bfloat16)");
 }
 
@@ -508,7 +504,6 @@ std::vector<std::pair<std::string, torch::Tensor>> dense_tables(LlamaModelImpl& 
   return out;
 }
 
-std::string shape_str(c10::IntArrayRef s) { return c10::str(s); }
 
 }  // namespace
 

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "core/safetensors.h"
+#include "util/fs.h"
+#include "util/tensor_str.h"
 
 namespace dpo {
 
@@ -26,40 +28,7 @@ namespace {
 constexpr const char* kAdapterWeights = "adapter_model.safetensors";
 constexpr const char* kAdapterConfig = "adapter_config.json";
 
-std::string shape_str(const torch::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + ")";
-}
 
-// Writes `text` to path via path.tmp.<pid>, fsync, rename: a reader sees the old
-// file or the new one, never a torn one.
-void write_file_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw std::runtime_error("cannot write " + tmp.string() + ": " + std::strerror(errno));
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t w = ::write(fd, text.data() + done, text.size() - done);
-    if (w < 0) {
-      const int e = errno;
-      ::close(fd);
-      std::remove(tmp.c_str());
-      throw std::runtime_error("writing " + tmp.string() + ": " + std::strerror(e));
-    }
-    done += static_cast<size_t>(w);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("flushing " + tmp.string() + ": " + std::strerror(errno));
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("renaming " + tmp.string() + " to " + path.string() + ": " + ec.message());
-  }
-}
 
 }  // namespace
 
@@ -169,7 +138,7 @@ void lora_save_peft(const NamedLinears& named, const LoraConfig& cfg, const std:
     if (tensors.empty()) throw std::runtime_error("no adapters to save");
     fs::create_directories(dir);
     safetensors_save((fs::path(dir) / kAdapterWeights).string(), tensors, {{"format", "pt"}});
-    write_file_atomic(fs::path(dir) / kAdapterConfig, lora_config_json(cfg, base_model_name_or_path));
+    write_file_atomic((fs::path(dir) / kAdapterConfig).string(), lora_config_json(cfg, base_model_name_or_path));
   } catch (const std::exception& e) {
     throw std::runtime_error(where + e.what());
   }

@@ -3,6 +3,7 @@
 // dQuantizeNF4 / dQuantize<0>, kDequantizeBlockwise) operation for operation, so
 // the packed bytes and statistics are identical for the same fp32 input.
 #include "core/nf4.h"
+#include "core/nf4_code.h"
 
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
@@ -19,6 +20,7 @@
 #endif
 
 #include "core/cuda/nf4_kernels.h"
+#include "util/tensor_str.h"
 
 // Debian's CPU libtorch ships c10/cuda headers without their generated config:
 // only a CUDA build of libtorch has cuda_cmake_macros.h.
@@ -30,11 +32,7 @@
 
 namespace dpo {
 
-const std::array<float, 16> kNf4Code = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+const std::array<float, 16> kNf4Code = {DPO_NF4_CODE_VALUES};
 
 namespace {
 
@@ -137,21 +135,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool valid_blocksize(int64_t b) { return b >= 32 && b <= 4096 && (b & (b - 1)) == 0; }
 
-const char* dtype_name(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat32: return "float32";
-    case torch::kFloat16: return "float16";
-    case torch::kBFloat16: return "bfloat16";
-    default: throw std::runtime_error(std::string("nf4: unsupported weight dtype ") + c10::toString(t));
-  }
+std::string dtype_name(torch::ScalarType t) {
+  if (auto n = weight_dtype_name(t)) return *n;
+  throw std::runtime_error(std::string("nf4: unsupported weight dtype ") + c10::toString(t));
 }
 
-std::optional<torch::ScalarType> dtype_from_name(const std::string& s) {
-  if (s == "float32") return torch::kFloat32;
-  if (s == "float16") return torch::kFloat16;
-  if (s == "bfloat16") return torch::kBFloat16;
-  return std::nullopt;
-}
 
 // Python's repr(float) (what json.dumps writes for bitsandbytes' nested_offset):
 // the shortest round-trip digits, fixed notation for 1e-4 <= |x| < 1e16, else
@@ -192,13 +180,7 @@ std::string python_float_repr(double x) {
   return sign + m + ebuf;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + ")";
-}
 
-std::string shape_str(const torch::Tensor& t) { return shape_str(t.sizes().vec()); }
 
 // Reads the fp32 scale of every block of a CPU Nf4Tensor through `fn(b, scale)`.
 struct ScaleReader {
@@ -546,7 +528,7 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
     if (qt != "nf4") fail(qs_nf4, "quant_type \"" + qt + "\" is not supported; only nf4");
     t.blocksize = j.at("blocksize").get<int64_t>();
     const std::string dt = j.at("dtype").get<std::string>();
-    auto d = dtype_from_name(dt);
+    auto d = weight_dtype_from_name(dt);
     if (!d) fail(qs_nf4, "dtype \"" + dt + "\" is not one of float32, float16, bfloat16");
     t.dtype = *d;
     t.shape = j.at("shape").get<std::vector<int64_t>>();

@@ -1,5 +1,6 @@
 // AdamW (torch.optim.AdamW semantics) and clip_grad_norm (torch.nn.utils.clip_grad_norm_).
 #include "core/optim.h"
+#include "util/tensor_str.h"
 
 #include <cmath>
 #include <map>
@@ -15,11 +16,6 @@ namespace {
 
 using torch::Tensor;
 
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
 
 constexpr int64_t kGrain = 1 << 14;  // elements per parallel chunk
 

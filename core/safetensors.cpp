@@ -1,5 +1,7 @@
 #include "core/safetensors.h"
 
+#include "util/fs.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -24,7 +26,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string errno_text() { return std::strerror(errno); }
 
 // Element size of the dtypes we hold. Ranks follow the Rust library's Dtype
 // enum order, which its writer sorts by (descending) so data stays aligned.
@@ -108,42 +109,6 @@ struct TensorEntry {
   uint64_t begin = 0, end = 0;  // relative to the data section
 };
 
-// Writes all of [p, p+n) to fd (write() may write less than asked).
-void write_all(int fd, const void* p, size_t n) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    ssize_t w = ::write(fd, c, std::min<size_t>(n, size_t{1} << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw std::runtime_error("write failed: " + errno_text());
-    }
-    c += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-void fsync_dir_of(const std::string& path) {
-  fs::path parent = fs::path(path).parent_path();
-  if (parent.empty()) parent = ".";
-  int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);  // best effort: some file systems refuse fsync on directories
-    ::close(dfd);
-  }
-}
-
-
-// The last steps of every atomic write: fsync and close the temporary file (fd is
-// set to -1 once closed), rename it over `path`, fsync the directory.
-void commit_temp_file(int* fd, const std::string& tmp, const std::string& path) {
-  if (::fsync(*fd) != 0) throw std::runtime_error("fsync failed: " + errno_text());
-  int rc = ::close(*fd);
-  *fd = -1;
-  if (rc != 0) throw std::runtime_error("close failed: " + errno_text());
-  if (::rename(tmp.c_str(), path.c_str()) != 0)
-    throw std::runtime_error("cannot rename " + tmp + " to it: " + errno_text());
-  fsync_dir_of(path);
-}
 }  // namespace
 
 nlohmann::json json_parse_strict(const std::string& text, const std::string& what) {
@@ -180,20 +145,6 @@ nlohmann::json json_parse_strict(const std::string& text, const std::string& wha
   if (!duplicate.empty())
     throw std::runtime_error(what + ": key \"" + duplicate + "\" appears twice in one JSON object");
   return j;
-}
-
-std::optional<torch::ScalarType> safetensors_dtype_from_string(const std::string& s) {
-  const DtypeInfo* d = dtype_info(s);
-  if (d == nullptr) return std::nullopt;
-  return d->type;
-}
-
-std::string safetensors_dtype_to_string(torch::ScalarType t) {
-  const DtypeInfo* d = dtype_info(t);
-  if (d == nullptr)
-    throw std::runtime_error(std::string("safetensors: dtype ") + c10::toString(t) +
-                             " is not supported (F32, F16, BF16, U8, I8, I32, I64)");
-  return d->name;
 }
 
 // ---------------------------------------------------------------------------
@@ -380,8 +331,6 @@ const std::map<std::string, std::string>& SafetensorsFile::metadata() const { re
 void safetensors_save_lazy(const std::string& path, std::vector<SafetensorsEntry> entries,
                            const std::function<torch::Tensor(const SafetensorsEntry&)>& produce,
                            const std::map<std::string, std::string>& metadata) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = -1;
   try {
     std::set<std::string> seen;
     std::vector<uint64_t> sizes;
@@ -420,11 +369,10 @@ void safetensors_save_lazy(const std::string& path, std::vector<SafetensorsEntry
     header += "}";
     header.append((8 - header.size() % 8) % 8, ' ');
 
-    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) throw std::runtime_error("cannot create " + tmp + ": " + errno_text());
+    AtomicFile out(path);
     uint64_t n = header.size();
-    write_all(fd, &n, 8);
-    write_all(fd, header.data(), header.size());
+    out.write(&n, 8);
+    out.write(header);
     for (size_t i = 0; i < entries.size(); ++i) {
       const auto& e = entries[i];
       torch::Tensor t = produce(e);
@@ -436,30 +384,14 @@ void safetensors_save_lazy(const std::string& path, std::vector<SafetensorsEntry
       t = t.to(torch::kCPU).contiguous();
       if (static_cast<uint64_t>(t.nbytes()) != sizes[i])
         throw std::runtime_error("tensor \"" + e.name + "\": byte size mismatch");
-      if (sizes[i] > 0) write_all(fd, t.data_ptr(), static_cast<size_t>(sizes[i]));
+      if (sizes[i] > 0) out.write(t.data_ptr(), static_cast<size_t>(sizes[i]));
     }
-    commit_temp_file(&fd, tmp, path);
+    out.commit();
   } catch (const std::exception& e) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
     throw std::runtime_error("writing safetensors file " + path + ": " + e.what());
   }
 }
 
-void write_file_atomic(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = -1;
-  try {
-    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) throw std::runtime_error("cannot create " + tmp + ": " + errno_text());
-    write_all(fd, bytes.data(), bytes.size());
-    commit_temp_file(&fd, tmp, path);
-  } catch (const std::exception& e) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("writing " + path + ": " + e.what());
-  }
-}
 
 void safetensors_save(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
@@ -495,29 +427,6 @@ bool is_pickle_name(const std::string& f) {
          ends(".pkl") || ends(".pickle");
 }
 
-std::string read_text_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(path + ": cannot open: " + errno_text());
-  std::string out;
-  char buf[65536];
-  for (;;) {
-    ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      std::string e = errno_text();
-      ::close(fd);
-      throw std::runtime_error(path + ": read failed: " + e);
-    }
-    if (r == 0) break;
-    out.append(buf, static_cast<size_t>(r));
-    if (out.size() > kSafetensorsMaxHeaderBytes) {
-      ::close(fd);
-      throw std::runtime_error(path + ": larger than " + std::to_string(kSafetensorsMaxHeaderBytes) + " bytes");
-    }
-  }
-  ::close(fd);
-  return out;
-}
 
 // A shard name from the index must name a file inside the model directory.
 void check_shard_name(const std::string& shard, const std::string& index_path) {
@@ -567,7 +476,7 @@ HfCheckpoint::HfCheckpoint(const std::string& dir) : impl_(std::make_unique<Impl
   if (fs::is_regular_file(d / kIndexFile, ec)) {
     m.source = kIndexFile;
     const std::string index_path = (d / kIndexFile).string();
-    nlohmann::json j = json_parse_strict(read_text_file(index_path), index_path);
+    nlohmann::json j = json_parse_strict(read_file(index_path), index_path);
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       throw std::runtime_error(index_path + ": missing the \"weight_map\" object");
     std::map<std::string, size_t> file_idx;

@@ -32,11 +32,6 @@ constexpr uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 /// two header entries disagree about a tensor). `what` (a file name) prefixes errors.
 nlohmann::json json_parse_strict(const std::string& text, const std::string& what);
 
-/// "F32" -> torch::kFloat32 etc. (F32 F16 BF16 U8 I8 I32 I64); nullopt for others.
-std::optional<torch::ScalarType> safetensors_dtype_from_string(const std::string& s);
-/// torch::kFloat32 -> "F32"; throws for dtypes safetensors files here cannot hold.
-std::string safetensors_dtype_to_string(torch::ScalarType t);
-
 /// One validated safetensors file, memory-mapped read-only. Move-only.
 class SafetensorsFile {
  public:
@@ -77,10 +72,6 @@ class SafetensorsFile {
 void safetensors_save(const std::string& path,
                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
-
-/// Writes `bytes` to `path` atomically: `path.tmp.<pid>`, fsync, rename (for
-/// JSON files next to the weights). Throws naming `path`; the temporary is removed.
-void write_file_atomic(const std::string& path, const std::string& bytes);
 
 /// Name, dtype and shape of a tensor to be written by safetensors_save_lazy.
 struct SafetensorsEntry {

@@ -37,15 +37,11 @@
 #include <ATen/ATen.h>
 #include <torch/types.h>
 
+#include "dist/mpi_base.h"  // CommError
 #include "dist/watchdog.h"
 
 namespace dpo {
 
-/// A collective or backend set-up failed. The message names the call, the rank and
-/// what to do next; every rank that sees it should leave (see MpiSession::skip_finalize).
-struct CommError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 /// Exit codes of a dpo_dist job (what mpirun/srun returns, what Slurm scripts test).
 /// kExitPreempted (75) lives in signals.h, kExitWatchdog (124) in watchdog.h.

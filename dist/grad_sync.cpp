@@ -1,4 +1,4 @@
-// GradSync (fused-buffer gradient averaging) and MetricReducer (global metric means).
+// GradSync: fused-buffer gradient averaging.
 #include "dist/grad_sync.h"
 
 #include <cmath>
@@ -102,65 +102,6 @@ void GradSync::sync(const std::vector<torch::Tensor>& params) {
     }
     off += g.numel();
   }
-}
-
-void grad_sync(Communicator& comm, const std::vector<torch::Tensor>& params) {
-  GradSync(comm).sync(params);
-}
-
-// --------------------------------------------------------------------- MetricReducer
-
-MetricReducer::MetricReducer(std::vector<std::string> keys)
-    : keys_(std::move(keys)), sums_(keys_.size(), 0.0), counts_(keys_.size(), 0.0),
-      global_counts_(keys_.size(), 0.0) {
-  for (size_t i = 0; i < keys_.size(); ++i) {
-    for (size_t j = 0; j < i; ++j) {
-      if (keys_[i] == keys_[j]) throw std::invalid_argument("MetricReducer: key '" + keys_[i] + "' given twice");
-    }
-  }
-}
-
-size_t MetricReducer::index_of(const std::string& key) const {
-  for (size_t i = 0; i < keys_.size(); ++i) {
-    if (keys_[i] == key) return i;
-  }
-  throw std::invalid_argument("MetricReducer: unknown metric '" + key +
-                              "'; declare it in the constructor's key list (same on every rank)");
-}
-
-void MetricReducer::add(const std::string& key, double sum, double count) {
-  const size_t i = index_of(key);
-  sums_[i] += sum;
-  counts_[i] += count;
-}
-
-std::map<std::string, double> MetricReducer::reduce(Communicator& comm) {
-  if (!verified_) {
-    std::string joined;
-    for (const auto& k : keys_) joined += k + "\n";
-    check_same_everywhere(comm, joined, "the metric key list");
-    verified_ = true;
-  }
-  std::vector<double> v(2 * keys_.size());
-  for (size_t i = 0; i < keys_.size(); ++i) {
-    v[2 * i] = sums_[i];
-    v[2 * i + 1] = counts_[i];
-  }
-  comm.allreduce_sum(v);
-  std::map<std::string, double> means;
-  for (size_t i = 0; i < keys_.size(); ++i) {
-    global_counts_[i] = v[2 * i + 1];
-    means[keys_[i]] = v[2 * i + 1] > 0 ? v[2 * i] / v[2 * i + 1] : std::numeric_limits<double>::quiet_NaN();
-  }
-  reset();
-  return means;
-}
-
-double MetricReducer::global_count(const std::string& key) const { return global_counts_[index_of(key)]; }
-
-void MetricReducer::reset() {
-  std::fill(sums_.begin(), sums_.end(), 0.0);
-  std::fill(counts_.begin(), counts_.end(), 0.0);
 }
 
 }  // namespace dpo

@@ -1,8 +1,9 @@
 // Data-parallel averaging: the trainable (LoRA) gradients reduced over ranks through ONE
-// fused buffer per optimizer step, and the logged metrics reduced to global means.
+// fused buffer per optimizer step. (Logged metrics are reduced as sums by the trainer:
+// core/dpo.h DpoMetrics / SftMetrics.)
 //
 // Letters: P = trainable parameter tensors, N = total gradient elements (sum of numel),
-//          K = metric keys, W = world size.
+//          W = world size.
 //
 // GradSync::sync(params) protocol (every rank calls it at the same point):
 //  1. Every param whose grad() is undefined gets a zero gradient, so every rank sends the
@@ -15,10 +16,7 @@
 //  5. Copy every slice back into its grad in place (same storage: optimizer state and
 //     references to the grads stay valid).
 // With W == 1 only step 1 runs.
-//
-// MetricReducer::reduce protocol: one allreduce of [sum_0, count_0, ..., sum_K-1, count_K-1]
-// in the fixed key order given to the constructor; the first reduce() also checks with an
-// allgather that every rank has the same keys in the same order.
+
 #pragma once
 #include <cstdint>
 #include <map>
@@ -57,38 +55,6 @@ class GradSync {
   torch::Tensor flat_;   // (N) in params order; dtype = promoted grad dtype, device of the grads
   std::string layout_;   // layout verified across ranks (protocol step 2)
   int64_t numel_ = 0;
-};
-
-/// One-shot GradSync (allocates the buffer and checks the layout on every call): for
-/// tools and tests; the trainer keeps a GradSync.
-void grad_sync(Communicator& comm, const std::vector<torch::Tensor>& params);
-
-class MetricReducer {
- public:
-  /// keys: fixed order, identical on every rank (checked on the first reduce()).
-  explicit MetricReducer(std::vector<std::string> keys);
-
-  /// Accumulates `sum` over `count` samples for key (e.g. add("loss", loss_sum, batch)).
-  /// Throws std::invalid_argument for a key not given to the constructor.
-  void add(const std::string& key, double sum, double count = 1.0);
-
-  /// Collective. key -> (sum over ranks) / (count over ranks), NaN where the global count
-  /// is 0. Resets the accumulators.
-  std::map<std::string, double> reduce(Communicator& comm);
-
-  /// The global count of key in the last reduce() (0 before any).
-  double global_count(const std::string& key) const;
-
-  const std::vector<std::string>& keys() const { return keys_; }
-  void reset();
-
- private:
-  size_t index_of(const std::string& key) const;
-
-  std::vector<std::string> keys_;
-  std::vector<double> sums_, counts_;  // (K) local accumulators
-  std::vector<double> global_counts_;  // (K) from the last reduce()
-  bool verified_ = false;
 };
 
 }  // namespace dpo

@@ -1,6 +1,6 @@
-// The MPI backend: MpiSession (MPI's lifetime in a process, RAII) and MpiCommunicator
-// (collectives on CPU tensors over a private duplicate of MPI_COMM_WORLD). mpi.h stays
-// behind the pimpl; dist/mpi_internal.h has the MPI_CHECK macro for dist's own .cpp files.
+// The MPI backend: MpiCommunicator, collectives on CPU tensors over a HostComm (a
+// private duplicate of MPI_COMM_WORLD; dist/mpi_base.h, which also has MpiSession).
+// mpi.h stays behind the pimpl; dist/mpi_check.h has the MPI_CHECK macro.
 //
 // Errors: the communicator uses MPI_ERRORS_RETURN, so a failing call becomes a CommError
 // "MPI_Allreduce failed on rank 3 (dist/mpi_communicator.cpp:120): MPI_ERR_TRUNCATE: ...".
@@ -14,43 +14,10 @@
 #include <string>
 
 #include "dist/communicator.h"
+#include "dist/mpi_base.h"
 
 namespace dpo {
 
-/// MPI initialization and finalization for the whole process. Create one at the top of
-/// main(), before any MpiCommunicator/NcclCommunicator, and keep it alive until they are
-/// gone. Started without mpirun/srun, MPI comes up as a "singleton": a world of one rank.
-class MpiSession {
- public:
-  /// MPI_Init_thread(MPI_THREAD_FUNNELED): only the main thread communicates; the
-  /// watchdog thread's MPI_Abort is the one exception, which Open MPI supports
-  /// (tests/dist/launch_test.cpp checks it). If MPI is already initialized (by someone
-  /// else) this session neither initializes nor finalizes it.
-  explicit MpiSession(int* argc = nullptr, char*** argv = nullptr);
-  /// MPI_Finalize, except (a) when skip_finalize() was called or (b) when an exception
-  /// is unwinding through this destructor. MPI_Finalize waits for every rank (Open MPI
-  /// fences), so a rank leaving on an error would hang behind peers stuck in a collective;
-  /// exiting without it makes mpirun/srun end the job with this rank's exit status.
-  ~MpiSession();
-  MpiSession(const MpiSession&) = delete;
-  MpiSession& operator=(const MpiSession&) = delete;
-
-  /// Call on the error path before returning non-zero from main().
-  void skip_finalize() { skip_finalize_ = true; }
-  /// True when started by a launcher (mpirun, srun, PMI/PMIx), false for a singleton.
-  bool under_launcher() const { return under_launcher_; }
-  bool owns() const { return owns_; }          // this object initialized MPI
-  int thread_level() const { return thread_level_; }  // MPI_THREAD_* provided
-  /// MPI is initialized and not finalized.
-  static bool active();
-
- private:
-  bool owns_ = false;
-  bool under_launcher_ = false;
-  bool skip_finalize_ = false;
-  int thread_level_ = 0;
-  int uncaught_at_start_ = 0;
-};
 
 struct MpiOptions {
   /// Elements (or bytes, for broadcasts) per MPI call; larger buffers are split into

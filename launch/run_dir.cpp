@@ -1,6 +1,7 @@
 #include "launch/run_dir.h"
 
 #include "core/safetensors.h"
+#include "util/fs.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -53,13 +54,6 @@ void fsync_path(const std::string& path) {
   if (rc != 0) throw std::runtime_error(os_error("fsync failed on", path));
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(os_error("cannot read", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string checkpoint_commit(const std::string& output_dir, int64_t step,
                               const std::function<void(const std::string&)>& write_files) {

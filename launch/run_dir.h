@@ -44,7 +44,5 @@ std::string resolve_resume(const std::string& arg, const std::string& output_dir
 
 /// fsyncs a file or directory by path (throws on error).
 void fsync_path(const std::string& path);
-/// Reads a whole file (throws naming it).
-std::string read_file(const std::string& path);
 
 }  // namespace dpo

@@ -2,7 +2,18 @@
 
 #include <set>
 
+#include "core/dpo.h"
+#include "core/schedule.h"
+
 namespace dpo {
+
+namespace {
+std::string joined(const std::vector<std::string>& v, const char* sep) {
+  std::string out;
+  for (const auto& s : v) out += (out.empty() ? "" : sep) + s;
+  return out;
+}
+}  // namespace
 
 void add_train_options(Cli& c) {
   c.add_string("model_name_or_path", "", "Hugging Face Llama directory (config.json, *.safetensors, tokenizer.model)");
@@ -17,12 +28,12 @@ void add_train_options(Cli& c) {
   c.add_bool("group_by_length", false, "batch examples of similar length (less padding)");
   c.add_string("stage", "dpo", "dpo|sft");
   c.add_double("beta", 0.1, "DPO temperature beta");
-  c.add_string("loss_type", "sigmoid", "sigmoid|ipo|hinge|robust");
+  c.add_string("loss_type", "sigmoid", joined(dpo_loss_types(), "|"));
   c.add_double("label_smoothing", 0.0, "conservative DPO label smoothing in [0, 0.5)");
   c.add_double("rpo_alpha", 0.0, "weight of the chosen-answer NLL added to the DPO loss (0 = off)");
   c.add_bool("precompute_ref_log_probs", false, "compute reference log-probs once and store them in the HDF5 files");
   c.add_double("learning_rate", 5e-4, "peak learning rate");
-  c.add_string("lr_scheduler_type", "cosine", "constant|linear|cosine");
+  c.add_string("lr_scheduler_type", "cosine", joined(schedule_types(), "|"));
   c.add_int("warmup_steps", 0, "linear warmup steps (wins over warmup_ratio when > 0)");
   c.add_double("warmup_ratio", 0.0, "warmup as a fraction of the total steps");
   c.add_double("weight_decay", 0.0, "AdamW decoupled weight decay (LoRA weights only)");
@@ -58,11 +69,18 @@ namespace {
 void require(bool ok, const std::string& msg) {
   if (!ok) throw CliError(msg);
 }
-void one_of(const std::string& opt, const std::string& v, const std::set<std::string>& allowed) {
-  if (allowed.count(v)) return;
-  std::string list;
-  for (const auto& a : allowed) list += (list.empty() ? "" : "|") + a;
-  throw CliError("option --" + opt + ": '" + v + "' is not one of " + list);
+void one_of(const std::string& opt, const std::string& v, const std::vector<std::string>& allowed) {
+  if (std::find(allowed.begin(), allowed.end(), v) != allowed.end()) return;
+  throw CliError("option --" + opt + ": '" + v + "' is not one of " + joined(allowed, "|"));
+}
+// Core's own validation (the one source of the allowed values and ranges), as CliError.
+template <typename Fn>
+void core_check(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::runtime_error& e) {
+    throw CliError(std::string("option ") + e.what());
+  }
 }
 }  // namespace
 
@@ -121,17 +139,14 @@ TrainOptions train_options_from(const Cli& c) {
   require(!o.train_file.empty(), "option --train_file is required (an HDF5 file written by dpo_preprocess)");
   require(!o.output_dir.empty(), "option --output_dir is required");
   one_of("stage", o.stage, {"dpo", "sft"});
-  one_of("loss_type", o.loss_type, {"sigmoid", "ipo", "hinge", "robust"});
-  one_of("lr_scheduler_type", o.lr_scheduler_type, {"constant", "linear", "cosine"});
+  core_check([&] { validate_dpo_options(o.dpo_options()); });
+  one_of("lr_scheduler_type", o.lr_scheduler_type, schedule_types());
   one_of("bnb_4bit_quant_type", o.bnb_4bit_quant_type, {"nf4"});
   one_of("bnb_4bit_compute_dtype", o.bnb_4bit_compute_dtype, {"auto", "float32", "bfloat16", "float16"});
   one_of("device", o.device, {"cpu", "cuda"});
   one_of("report_to", o.report_to, {"none", "jsonl", "tensorboard"});
   one_of("progress", o.progress, {"auto", "on", "off"});
   one_of("backend", o.backend, {"auto", "mpi", "nccl", "fake"});
-  require(o.beta > 0, "option --beta must be > 0");
-  require(o.label_smoothing >= 0 && o.label_smoothing < 0.5, "option --label_smoothing must be in [0, 0.5)");
-  require(o.rpo_alpha >= 0, "option --rpo_alpha must be >= 0");
   require(o.learning_rate >= 0, "option --learning_rate must be >= 0");
   require(o.warmup_steps >= 0, "option --warmup_steps must be >= 0");
   require(o.warmup_ratio >= 0 && o.warmup_ratio <= 1, "option --warmup_ratio must be in [0, 1]");

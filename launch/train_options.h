@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dpo.h"
 #include "launch/cli.h"
 
 namespace dpo {
@@ -64,6 +65,16 @@ struct TrainOptions {
 
   /// name=value of every option, for training_args.json and the compat check.
   std::vector<std::pair<std::string, std::string>> dump;
+
+  /// The objective's options (core/dpo.h), for validation and the trainer.
+  DpoOptions dpo_options() const {
+    DpoOptions d;
+    d.beta = beta;
+    d.loss_type = loss_type;
+    d.label_smoothing = label_smoothing;
+    d.rpo_alpha = rpo_alpha;
+    return d;
+  }
 };
 
 /// Declares all dpo_dist options on cli.

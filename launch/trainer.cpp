@@ -28,6 +28,7 @@
 #include "launch/model_setup.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
+#include "util/fs.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -35,6 +36,9 @@ using nlohmann::json;
 namespace dpo {
 
 namespace {
+
+// dpo_dist's own resume record in a checkpoint (trainer_state.json keeps HF's fields).
+constexpr const char* kResumeRecord = "dpo_dist_state.json";
 
 using Clock = std::chrono::steady_clock;
 
@@ -60,7 +64,7 @@ torch::Tensor bytes_tensor(const std::string& s) {
   return t;
 }
 
-// The settings a checkpoint must agree on to be resumed (docs/checkpoints.md).
+// The settings a checkpoint must agree on to be resumed (docs/usage.md, "Resuming").
 json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_batch) {
   const auto& c = m.model->config();
   return json{{"stage", o.stage},
@@ -87,27 +91,6 @@ std::string compat_diff(const json& saved, const json& now) {
   return diff;
 }
 
-// SFT metrics as reducible sums (the DPO ones are core/dpo.h's DpoMetrics).
-struct SftMetrics {
-  double nll_sum = 0, tokens = 0, rows = 0;
-  static constexpr int64_t kNumFields = 3;
-  std::vector<double> to_vector() const { return {nll_sum, tokens, rows}; }
-  static SftMetrics from_vector(const std::vector<double>& v) {
-    if (static_cast<int64_t>(v.size()) != kNumFields) throw std::runtime_error("SftMetrics: wrong vector size");
-    return {v[0], v[1], v[2]};
-  }
-  SftMetrics& operator+=(const SftMetrics& o) {
-    nll_sum += o.nll_sum;
-    tokens += o.tokens;
-    rows += o.rows;
-    return *this;
-  }
-  std::vector<std::pair<std::string, double>> averages(const std::string& prefix) const {
-    if (tokens <= 0) return {};
-    return {{prefix + "loss", nll_sum / tokens}, {prefix + "answer_tokens", tokens}};
-  }
-};
-
 class Trainer {
  public:
   Trainer(const TrainOptions& o, Communicator& comm) : o_(o), comm_(comm), rank_(comm.rank()), world_(comm.world_size()) {}
@@ -133,6 +116,7 @@ class Trainer {
   std::string save_checkpoint();
   void save_final();
   json trainer_state() const;
+  json resume_record() const;
 
   const TrainOptions& o_;
   Communicator& comm_;
@@ -164,10 +148,7 @@ class Trainer {
 void Trainer::setup() {
   // 1. options that depend on the process layout
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
-  dpo_opts_.beta = o_.beta;
-  dpo_opts_.loss_type = o_.loss_type;
-  dpo_opts_.label_smoothing = o_.label_smoothing;
-  dpo_opts_.rpo_alpha = o_.rpo_alpha;
+  dpo_opts_ = o_.dpo_options();
   validate_dpo_options(dpo_opts_);
 
   // 2. output dir (rank 0 creates; everyone checks it exists after a barrier)
@@ -304,16 +285,35 @@ void Trainer::maybe_precompute_ref(const std::string& path, std::unique_ptr<Pref
   if (!reader->has_ref_logps()) throw std::runtime_error(path + ": reference log-probs were not stored");
 }
 
+// trainer_state.json: exactly the fields of Hugging Face's TrainerState (transformers
+// trainer_callback.py), so TrainerState.load_from_json reads it; dpo_dist's own resume
+// record is resume_record() in dpo_dist_state.json.
 json Trainer::trainer_state() const {
   json j;
-  j["global_step"] = global_step_;
   j["epoch"] = static_cast<double>(global_step_) / static_cast<double>(steps_per_epoch_);
+  j["global_step"] = global_step_;
   j["max_steps"] = total_steps_;
   j["logging_steps"] = o_.logging_steps;
   j["eval_steps"] = o_.eval_steps;
   j["save_steps"] = o_.save_steps;
   j["train_batch_size"] = o_.per_device_train_batch_size;
+  j["num_train_epochs"] = (total_steps_ + steps_per_epoch_ - 1) / steps_per_epoch_;
+  j["num_input_tokens_seen"] = 0;  // HF counts them only with include_num_input_tokens_seen
+  j["total_flos"] = 0.0;
   j["log_history"] = log_ ? log_->history() : history_;
+  j["best_metric"] = nullptr;
+  j["best_global_step"] = nullptr;
+  j["best_model_checkpoint"] = nullptr;
+  j["is_local_process_zero"] = true;  // written by rank 0
+  j["is_world_process_zero"] = true;
+  j["is_hyper_param_search"] = false;
+  j["trial_name"] = nullptr;
+  j["trial_params"] = nullptr;
+  j["stateful_callbacks"] = json::object();
+  return j;
+}
+
+json Trainer::resume_record() const {
   json d;
   d["compat"] = compat_record(o_, m_, global_batch_);
   d["world_size"] = world_;
@@ -324,14 +324,17 @@ json Trainer::trainer_state() const {
   d["log_window"] = {{"dpo", win_dpo_.to_vector()},     {"sft", win_sft_.to_vector()},
                      {"tokens", win_tokens_},          {"seconds", win_seconds_},
                      {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}};
-  j["dpo_dist"] = d;
-  return j;
+  return d;
 }
 
 void Trainer::resume(const std::string& dir) {
   json st = json::parse(read_file(dir + "/trainer_state.json"));
-  if (!st.contains("dpo_dist")) throw std::runtime_error(dir + "/trainer_state.json: not written by dpo_dist (no dpo_dist section)");
-  const json& d = st["dpo_dist"];
+  // dpo_dist 0.1 kept its record in trainer_state.json's "dpo_dist" section.
+  json d;
+  if (std::filesystem::exists(dir + "/" + kResumeRecord)) d = json::parse(read_file(dir + "/" + kResumeRecord));
+  else if (st.contains("dpo_dist")) d = st["dpo_dist"];
+  else throw std::runtime_error(dir + ": no " + std::string(kResumeRecord) +
+                                "; not a checkpoint written by dpo_dist (it cannot be resumed)");
   std::string diff = compat_diff(d["compat"], compat_record(o_, m_, global_batch_));
   if (!diff.empty())
     throw std::runtime_error("cannot resume from " + dir + ": it was written with different settings (" + diff +
@@ -346,7 +349,9 @@ void Trainer::resume(const std::string& dir) {
   history_ = st["log_history"].get<std::vector<json>>();
   const json& w = d["log_window"];
   win_dpo_ = DpoMetrics::from_vector(w["dpo"].get<std::vector<double>>());
-  win_sft_ = SftMetrics::from_vector(w["sft"].get<std::vector<double>>());
+  std::vector<double> sft = w["sft"].get<std::vector<double>>();
+  sft.resize(SftMetrics::kNumFields, 0.0);  // 0.1 checkpoints had no token-accuracy field
+  win_sft_ = SftMetrics::from_vector(sft);
   win_tokens_ = w["tokens"];
   win_seconds_ = w["seconds"];
   win_grad_norm_sum_ = w["grad_norm_sum"];
@@ -394,8 +399,7 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
 }
 
 SftMetrics Trainer::micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
-  SftMetrics met;
-  if (idx.empty()) return met;
+  if (idx.empty()) return {};
   std::vector<PreferenceExample> ex;
   for (int64_t i : idx) ex.push_back(train_->get(i));
   SftBatch b = collate_sft(ex, train_->attrs().pad_id);
@@ -404,10 +408,7 @@ SftMetrics Trainer::micro_sft(const std::vector<int64_t>& idx, double scale, int
   auto logits = m_.model->forward(ids, mask);
   SftLoss l = sft_loss(logits, ids, lmask);
   (l.nll_sum * scale).backward();
-  met.nll_sum = l.nll_sum.item<double>();
-  met.tokens = static_cast<double>(l.tokens);
-  met.rows = static_cast<double>(idx.size());
-  return met;
+  return SftMetrics::of(l, static_cast<int64_t>(idx.size()));
 }
 
 void Trainer::train_step() {
@@ -466,8 +467,10 @@ void Trainer::train_step() {
   win_grad_norm_sum_ += last_grad_norm_;
   ++win_steps_;
   if (progress_)
+    // DPO: reward accuracy of the pairs; SFT: answer-token accuracy.
     progress_->update(global_step_, step_loss,
-                      o_.stage == "dpo" && gdm.pairs > 0 ? gdm.rewards_accuracies_sum / gdm.pairs : NAN,
+                      o_.stage == "dpo" ? (gdm.pairs > 0 ? gdm.rewards_accuracies_sum / gdm.pairs : NAN)
+                                        : (gsm.tokens > 0 ? gsm.correct / gsm.tokens : NAN),
                       step_tokens / std::max(secs, 1e-9));
 }
 
@@ -483,16 +486,23 @@ void Trainer::log_train() {
       for (const auto& [k, val] : win_sft_.averages("")) ev[k] = val;
     }
     ev["learning_rate"] = last_lr_;
-    ev["grad_norm"] = last_grad_norm_;
+    // The mean over the window's steps (like loss); HF logs the last step's norm, which
+    // is the same with logging_steps 1.
+    ev["grad_norm"] = win_grad_norm_sum_ / static_cast<double>(win_steps_);
     ev["tokens_per_second"] = win_tokens_ / std::max(win_seconds_, 1e-9);
     log_->log(ev);
     if (!progress_->active()) {
       char buf[256];
-      double acc = o_.stage == "dpo" && win_dpo_.pairs > 0 ? win_dpo_.rewards_accuracies_sum / win_dpo_.pairs : NAN;
-      std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  acc %.3f  margin %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s",
-                    (long long)global_step_, (long long)total_steps_, ev["loss"].get<double>(), acc,
-                    o_.stage == "dpo" ? ev.value("rewards/margins", 0.0) : 0.0, last_lr_, last_grad_norm_,
-                    ev["tokens_per_second"].get<double>());
+      const double grad_norm = ev["grad_norm"].get<double>(), tps = ev["tokens_per_second"].get<double>();
+      if (o_.stage == "dpo") {
+        std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  acc %.3f  margin %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s",
+                      (long long)global_step_, (long long)total_steps_, ev["loss"].get<double>(),
+                      ev.value("rewards/accuracies", NAN), ev.value("rewards/margins", NAN), last_lr_, grad_norm, tps);
+      } else {
+        std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  token_acc %.3f  lr %.3g  grad_norm %.3f  %.0f tok/s",
+                      (long long)global_step_, (long long)total_steps_, ev["loss"].get<double>(),
+                      ev.value("mean_token_accuracy", NAN), last_lr_, grad_norm, tps);
+      }
       say(buf);
     }
   }
@@ -522,9 +532,7 @@ void Trainer::evaluate() {
       SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device);
       SftLoss l = sft_loss(m_.model->forward(ids, b.attention_mask.to(m_.device)), ids, b.loss_mask.to(m_.device));
-      sm.nll_sum += l.nll_sum.item<double>();
-      sm.tokens += static_cast<double>(l.tokens);
-      sm.rows += static_cast<double>(ex.size());
+      sm += SftMetrics::of(l, static_cast<int64_t>(ex.size()));
     }
   }
   std::vector<double> v = o_.stage == "dpo" ? dm.to_vector() : sm.to_vector();
@@ -552,7 +560,7 @@ std::string Trainer::save_checkpoint() {
   std::vector<std::string> rngs = comm_.allgather_string(tensor_bytes(rng_state_get()));
   std::string path;
   if (rank_ == 0) {
-    json st = trainer_state();
+    json st = trainer_state(), rec = resume_record();
     json args;
     for (const auto& [k, v] : o_.dump) args[k] = v;
     path = checkpoint_commit(o_.output_dir, global_step_, [&](const std::string& tmp) {
@@ -562,6 +570,7 @@ std::string Trainer::save_checkpoint() {
       for (size_t i = 0; i < rngs.size(); ++i) r.emplace_back("rank_" + std::to_string(i), bytes_tensor(rngs[i]));
       safetensors_save(tmp + "/rng_state.safetensors", r);
       write_file_atomic(tmp + "/training_args.json", args.dump(2) + "\n");
+      write_file_atomic(tmp + "/" + kResumeRecord, rec.dump(2) + "\n");
       // trainer_state.json last: its presence marks the checkpoint complete.
       write_file_atomic(tmp + "/trainer_state.json", st.dump(2) + "\n");
     });

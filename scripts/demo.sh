@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 bash scripts/setup.sh
 BUILD=${DPO_BUILD_DIR:-build}
+source scripts/ccache_env.sh
 cmake -G Ninja -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release ${DPO_CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD" -j "$(nproc)" --target dpo_dist dpo_preprocess dpo_init_model dpo_make_demo_data dpo_merge dpo_score
 bin="$root/$BUILD/bin"

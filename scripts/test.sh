@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DPO_WITH_SLURM=1 bash scripts/setup.sh
 BUILD=${DPO_BUILD_DIR:-build}
+source scripts/ccache_env.sh
 JOBS=${DPO_JOBS:-$(nproc)}
 start=$(date +%s)
 cmake -G Ninja -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release ${DPO_CMAKE_ARGS:-}

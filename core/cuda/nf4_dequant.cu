@@ -5,6 +5,7 @@
 //
 // Legend: n = elements, B = blocksize, NB = nested blocksize.
 #include "core/cuda/nf4_kernels.h"
+#include "core/nf4_code.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,11 +13,7 @@
 
 namespace {
 
-__constant__ float kCode[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+__constant__ float kCode[16] = {DPO_NF4_CODE_VALUES};
 
 __device__ __forceinline__ float block_scale(int64_t b, const float* absmax_f32, const uint8_t* absmax_q,
                                              const float* nested_absmax, const float* nested_code,

@@ -10,13 +10,13 @@
 //     concatenated input bytes (data/preprocess.h rank_byte_range). Rank 0 writes its
 //     share straight into temp (it comes first in input order); rank r > 0 writes an
 //     uncompressed part file. agree() on failures.
-//  4. MPI_Reduce(SUM) of the counters and length histograms to rank 0.
+//  4. reduce (sum) of the counters and length histograms to rank 0.
 //  5. rank 0 appends parts 1..W-1 in rank order (streamed), closes temp, renames it to
 //     <output> (atomic; an older <output> survives any failure before this point), and
 //     broadcasts success or failure.
 //  6. every rank deletes its part file; on failure rank 0 deletes temp.
-// An exception outside this protocol with W > 1 calls MPI_Abort so no rank hangs.
-#include <mpi.h>
+// An exception outside this protocol with W > 1 aborts the job (MPI_Abort) so no rank
+// hangs. The MPI layer is dist/mpi_base.h (HostComm, agree).
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -41,6 +41,7 @@
 #include "data/preference_h5.h"
 #include "data/preprocess.h"
 #include "data/tokenizer.h"
+#include "dist/mpi_base.h"
 #include "launch/cli.h"
 
 namespace dpo {
@@ -49,69 +50,11 @@ namespace {
 constexpr const char* kTool = "dpo_preprocess";
 constexpr int kMaxWarningsPerRank = 10;
 
-// A failed MPI call: the ranks can no longer agree on anything, so main() aborts.
-struct MpiError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-#define MPI_CHECK(call)                                                                              \
-  do {                                                                                               \
-    int mpi_rc_ = (call);                                                                            \
-    if (mpi_rc_ != MPI_SUCCESS) {                                                                    \
-      char mpi_msg_[MPI_MAX_ERROR_STRING];                                                           \
-      int mpi_len_ = 0;                                                                              \
-      MPI_Error_string(mpi_rc_, mpi_msg_, &mpi_len_);                                                \
-      throw MpiError(std::string(#call) + " failed [" + __FILE__ + ":" + std::to_string(__LINE__) +  \
-                     "]: " + std::string(mpi_msg_, mpi_len_));                                       \
-    }                                                                                                \
-  } while (0)
-
-// MPI for the whole process: MPI_Init works without mpirun too (OpenMPI singleton).
-class MpiSession {
- public:
-  MpiSession(int* argc, char*** argv) {
-    MPI_Init(argc, argv);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
-    MPI_Comm_size(MPI_COMM_WORLD, &world_);
-  }
-  ~MpiSession() { MPI_Finalize(); }
-  MpiSession(const MpiSession&) = delete;
-  MpiSession& operator=(const MpiSession&) = delete;
-  int rank() const { return rank_; }
-  int world() const { return world_; }
-
- private:
-  int rank_ = 0, world_ = 1;
-};
-
-// Completes a non-blocking collective without spinning: a rank that finished its
-// share early sleeps instead of taking a core from the ranks still tokenizing
-// (OpenMPI's blocking collectives busy-poll).
-void wait_gently(MPI_Request* req) {
-  int done = 0;
-  auto pause = std::chrono::microseconds(50);
-  for (;;) {
-    MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE));
-    if (done) return;
-    std::this_thread::sleep_for(pause);
-    pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(5));
-  }
-}
-
 double cpu_seconds() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
-
-// A failure of one rank in one phase: the message and whether it is a user error
-// (bad option: exit 2) or anything else (exit 1).
-struct Failure {
-  std::string message;
-  bool cli = false;
-  bool failed() const { return !message.empty(); }
-};
 
 template <typename Fn>
 Failure guarded(Fn&& fn) {
@@ -126,34 +69,8 @@ Failure guarded(Fn&& fn) {
   }
 }
 
-// Step "agree" of the protocol: every rank learns whether any rank failed; rank 0
-// gets the message of the lowest failing rank (the earliest in input order).
-Failure agree(const Failure& mine, const MpiSession& mpi) {
-  if (mpi.world() == 1) return mine;
-  int me = mine.failed() ? mpi.rank() : mpi.world(), first = 0;
-  MPI_Request req;
-  MPI_CHECK(MPI_Iallreduce(&me, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD, &req));
-  wait_gently(&req);
-  if (first == mpi.world()) return {};
-  if (first == 0) return mpi.rank() == 0 ? mine : Failure{"rank 0 failed", mine.cli};
-  std::string wire;
-  if (mpi.rank() == first) {
-    wire = std::string(mine.cli ? "C" : "E") + mine.message;
-    int len = int(std::min<size_t>(wire.size(), 1 << 20));
-    MPI_CHECK(MPI_Send(&len, 1, MPI_INT, 0, 1, MPI_COMM_WORLD));
-    MPI_CHECK(MPI_Send(wire.data(), len, MPI_CHAR, 0, 2, MPI_COMM_WORLD));
-  } else if (mpi.rank() == 0) {
-    int len = 0;
-    MPI_CHECK(MPI_Recv(&len, 1, MPI_INT, first, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-    wire.resize(len);
-    MPI_CHECK(MPI_Recv(&wire[0], len, MPI_CHAR, first, 2, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-    return {wire.size() > 1 ? wire.substr(1) : "rank " + std::to_string(first) + " failed", !wire.empty() && wire[0] == 'C'};
-  }
-  return {"rank " + std::to_string(first) + " failed", false};
-}
-
 [[noreturn]] void rethrow(const Failure& f) {
-  if (f.cli) throw CliError(f.message);
+  if (f.user_error) throw CliError(f.message);
   throw std::runtime_error(f.message);
 }
 
@@ -260,7 +177,7 @@ int inspect(const std::string& path) {
   return 0;
 }
 
-int run(const MpiSession& mpi, int argc, char** argv) {
+int run(HostComm& mpi, int argc, char** argv) {
   const double t0 = now_s(), cpu0 = cpu_seconds();
   const bool root = mpi.rank() == 0;
   Cli cli(kTool, "Tokenizes JSONL preference data into an HDF5 file of (prompt, chosen, rejected) triples; "
@@ -341,8 +258,8 @@ int run(const MpiSession& mpi, int argc, char** argv) {
   if (!inspect_path.empty()) return root ? inspect(inspect_path) : 0;
 
   // Step 2: names.
-  long pid = long(getpid());
-  MPI_CHECK(MPI_Bcast(&pid, 1, MPI_LONG, 0, MPI_COMM_WORLD));
+  int64_t pid = int64_t(getpid());
+  mpi.broadcast(&pid, sizeof pid, 0);
   const std::string temp = output + ".tmp-" + std::to_string(pid);
   const std::string mine = root ? temp : temp + ".part" + std::to_string(mpi.rank());
 
@@ -383,13 +300,13 @@ int run(const MpiSession& mpi, int argc, char** argv) {
 
   // Step 4: counters (histograms first grown to one size on every rank).
   int64_t bins = stats.histogram_size(), max_bins = bins;
-  MPI_CHECK(MPI_Allreduce(&bins, &max_bins, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD));
+  mpi.allreduce(&max_bins, 1, HostOp::max);
   stats.resize_histograms(max_bins);
-  std::vector<int64_t> packed = stats.pack(), summed(packed.size());
-  MPI_CHECK(MPI_Reduce(packed.data(), summed.data(), int(packed.size()), MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD));
+  std::vector<int64_t> summed = stats.pack();
+  mpi.reduce(summed.data(), int64_t(summed.size()), HostOp::sum, 0);
 
   // Step 5: merge + rename on rank 0.
-  int ok = 1;
+  int64_t ok = 1;
   if (root) {
     f = guarded([&] {
       for (int r = 1; r < mpi.world(); ++r) writer->append_file(temp + ".part" + std::to_string(r));
@@ -400,14 +317,12 @@ int run(const MpiSession& mpi, int argc, char** argv) {
     });
     ok = f.failed() ? 0 : 1;
   }
-  MPI_Request req;
-  MPI_CHECK(MPI_Ibcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD, &req));
-  wait_gently(&req);
+  mpi.broadcast(&ok, sizeof ok, 0);
 
   // CPU seconds of the ranks (max = the critical path on free cores; sum = total work).
   double cpu = cpu_seconds() - cpu0, cpu_max = cpu, cpu_sum = cpu;
-  MPI_CHECK(MPI_Reduce(&cpu, &cpu_max, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD));
-  MPI_CHECK(MPI_Reduce(&cpu, &cpu_sum, 1, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD));
+  mpi.reduce(&cpu_max, 1, HostOp::max, 0);
+  mpi.reduce(&cpu_sum, 1, HostOp::sum, 0);
 
   // Step 6: clean up.
   if (!root) remove_quietly(mine);
@@ -442,33 +357,44 @@ int run(const MpiSession& mpi, int argc, char** argv) {
 }  // namespace dpo
 
 int main(int argc, char** argv) {
-  dpo::MpiSession mpi(&argc, &argv);
   int rc = 1;
   try {
+    dpo::MpiSession session(&argc, &argv);
+    // Ranks that finish a phase early sleep in the collectives instead of spinning on a
+    // core the ranks still tokenizing need.
+    dpo::HostCommOptions options;
+    options.gentle_wait = true;
+    dpo::HostComm mpi(options);
     auto body = [&] {
       try {
         return dpo::run(mpi, argc, argv);
-      } catch (const dpo::MpiError& e) {
+      } catch (const dpo::CommError& e) {
+        // A failed MPI call: the ranks can no longer agree on anything.
         std::fprintf(stderr, "%s: error (rank %d): %s\n", dpo::kTool, mpi.rank(), e.what());
-        if (mpi.world() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+        if (mpi.world() > 1) mpi.abort(1);
         return 1;
       }
     };
-    if (mpi.rank() == 0) {
-      rc = dpo::run_main(dpo::kTool, body);
-    } else {
-      // Only rank 0 reports errors: they were agreed on, so it knows them all.
-      try {
-        rc = body();
-      } catch (const dpo::CliError&) {
-        rc = 2;
-      } catch (const std::exception&) {
-        rc = 1;
+    try {
+      if (mpi.rank() == 0) {
+        rc = dpo::run_main(dpo::kTool, body);
+      } else {
+        // Only rank 0 reports errors: they were agreed on, so it knows them all.
+        try {
+          rc = body();
+        } catch (const dpo::CliError&) {
+          rc = 2;
+        } catch (const std::exception&) {
+          rc = 1;
+        }
       }
+    } catch (...) {
+      // Outside the protocol: the other ranks may be waiting in a collective.
+      if (mpi.world() > 1) mpi.abort(1);
+      rc = 1;
     }
-  } catch (...) {
-    // Outside the protocol: the other ranks may be waiting in a collective.
-    if (mpi.world() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", dpo::kTool, e.what());
     rc = 1;
   }
   return rc;

@@ -16,6 +16,7 @@
 #include "core/safetensors.h"
 #include "launch/cli.h"
 #include "launch/threads.h"
+#include "util/fs.h"
 
 using namespace dpo;
 namespace fs = std::filesystem;

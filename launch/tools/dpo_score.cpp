@@ -15,6 +15,7 @@
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
 #include "launch/threads.h"
+#include "util/fs.h"
 
 using namespace dpo;
 

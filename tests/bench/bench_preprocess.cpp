@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "launch/cli.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {

@@ -499,6 +499,36 @@ TEST(Accumulation, MicroBatchesSumToOneBatchKTimesLarger) {
   EXPECT_NEAR(nll / tokens, s.nll_sum.item<double>() / s.tokens, 1e-6);
 }
 
+TEST(SftLoss, CountsAnswerTokensPredictedByArgmax) {
+  // Few classes, so that a good share of random predictions is right.
+  Batch b = random_batch(4, 13, 3, 21);
+  const auto s = dpo::sft_loss(b.logits, b.ids, b.mask);
+  int64_t correct = 0, tokens = 0;
+  for (int64_t r = 0; r < 4; ++r) {
+    for (int64_t t = 1; t < 13; ++t) {
+      if (b.mask[r][t].item<int64_t>() == 0) continue;
+      ++tokens;
+      int64_t best = 0;
+      for (int64_t v = 1; v < 3; ++v)
+        if (b.logits[r][t - 1][v].item<double>() > b.logits[r][t - 1][best].item<double>()) best = v;
+      correct += best == b.ids[r][t].item<int64_t>();
+    }
+  }
+  ASSERT_GT(tokens, 0);
+  EXPECT_EQ(s.tokens, tokens);
+  EXPECT_EQ(s.correct, correct);
+  EXPECT_GT(correct, 0);
+  EXPECT_LT(correct, tokens);
+  const auto m = as_map(dpo::SftMetrics::of(s, 4).averages("eval_"));
+  EXPECT_DOUBLE_EQ(m.at("eval_mean_token_accuracy"), static_cast<double>(correct) / tokens);
+  EXPECT_NEAR(m.at("eval_loss"), s.nll_sum.item<double>() / tokens, 1e-12);
+  // Sums reduce by addition (ranks, micro-batches) and survive the vector round trip.
+  dpo::SftMetrics twice = dpo::SftMetrics::of(s, 4);
+  twice += dpo::SftMetrics::of(s, 4);
+  EXPECT_EQ(dpo::SftMetrics::from_vector(twice.to_vector()).correct, 2.0 * correct);
+  EXPECT_THROW(dpo::SftMetrics::from_vector({1, 2, 3}), std::runtime_error);
+}
+
 TEST(SftLoss, IsTokenWeightedNllOfAnswerTokens) {
   Batch b = random_batch(3, 11, 8, 18);
   Tensor x = b.logits.clone().set_requires_grad(true);

@@ -13,9 +13,12 @@
 #include "core/linear.h"
 #include "core/lora.h"
 #include "core/safetensors.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {
+
+using dpo::testutil::TempDir;
 
 namespace fs = std::filesystem;
 
@@ -50,18 +53,6 @@ NamedLinears make_model(bool nf4, int64_t layers = 2) {
   return named;
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "dpo_test_lora_XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 void expect_throw_with(const std::function<void()>& f, const std::vector<std::string>& needles) {
   try {
@@ -275,7 +266,7 @@ TEST(LoraPeft, SaveLoadRoundTripAndConfigKeys) {
       torch::NoGradGuard ng;
       lin->lora_B().normal_();
     }
-  const std::string dir = (tmp.path / "adapter").string();
+  const std::string dir = (fs::path(tmp.path()) / "adapter").string();
   lora_save_peft(a, cfg, dir, "meta-llama/Llama-2-7b-hf");
   ASSERT_TRUE(fs::exists(fs::path(dir) / "adapter_model.safetensors"));
   ASSERT_TRUE(fs::exists(fs::path(dir) / "adapter_config.json"));
@@ -331,7 +322,7 @@ TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
   NamedLinears a = make_model(false, 1);
   LoraConfig cfg;
   lora_attach(a, cfg, 13);
-  const std::string dir = (tmp.path / "ok").string();
+  const std::string dir = (fs::path(tmp.path()) / "ok").string();
   lora_save_peft(a, cfg, dir, "base");
   const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
@@ -342,7 +333,7 @@ TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
   const std::string qa = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
 
   auto write_variant = [&](const std::string& name, std::vector<std::pair<std::string, torch::Tensor>> t) {
-    const fs::path d = tmp.path / name;
+    const fs::path d = fs::path(tmp.path()) / name;
     fs::create_directories(d);
     fs::copy_file(fs::path(dir) / "adapter_config.json", d / "adapter_config.json");
     safetensors_save((d / "adapter_model.safetensors").string(), t);
@@ -383,7 +374,7 @@ TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
     expect_throw_with([&] { lora_load_peft(m, dir); }, {"k_proj", "target_modules"});
   }
   {
-    const fs::path d = tmp.path / "dora";
+    const fs::path d = fs::path(tmp.path()) / "dora";
     fs::create_directories(d);
     fs::copy_file(weights, d / "adapter_model.safetensors");
     nlohmann::json j = nlohmann::json::parse(lora_config_json(cfg, "base"));
@@ -398,11 +389,11 @@ TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
     std::ofstream(d / "adapter_config.json") << j.dump();
     expect_throw_with([&] { lora_config_load(d.string()); }, {"adapter_config.json", "lm_head"});
   }
-  expect_throw_with([&] { lora_config_load((tmp.path / "nowhere").string()); }, {"adapter_config.json"});
+  expect_throw_with([&] { lora_config_load((fs::path(tmp.path()) / "nowhere").string()); }, {"adapter_config.json"});
   // A save whose config does not match the attached adapters is refused.
   LoraConfig more;
   more.target_modules = {"q_proj", "v_proj", "o_proj"};
-  expect_throw_with([&] { lora_save_peft(a, more, (tmp.path / "bad").string(), "base"); }, {"o_proj"});
+  expect_throw_with([&] { lora_save_peft(a, more, (fs::path(tmp.path()) / "bad").string(), "base"); }, {"o_proj"});
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <torch/types.h>
 
 #include "core/safetensors.h"
+#include "tests/test_util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 // libtorch's static registries are never freed; report leaks only from our code.
@@ -30,22 +31,9 @@ using json = nlohmann::json;
 
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            ("dpo_st_" + std::string(info->test_suite_name()) + "_" + info->name() + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
+using dpo::testutil::TempDir;
+using dpo::testutil::throw_message;
 
- private:
-  fs::path path_;
-};
 
 std::string read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -80,14 +68,6 @@ void expect_rejected(const std::string& path, const std::vector<std::string>& ne
   }
 }
 
-std::string throw_message(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
 
 torch::Tensor random_of(torch::ScalarType t, std::vector<int64_t> shape, int seed) {
   torch::manual_seed(seed);
@@ -405,7 +385,7 @@ void write_index(const std::string& dir, const json& weight_map) {
 TEST(HfCheckpoint, SingleFile) {
   TempDir dir;
   dpo::safetensors_save(dir.file("model.safetensors"), {{"x", torch::ones({2})}, {"y", torch::zeros({3})}});
-  HfCheckpoint ck(dir.path().string());
+  HfCheckpoint ck(dir.path());
   EXPECT_EQ(ck.source(), "model.safetensors");
   EXPECT_EQ(ck.names(), (std::vector<std::string>{"x", "y"}));
   EXPECT_TRUE(ck.has("x"));
@@ -418,10 +398,10 @@ TEST(HfCheckpoint, Sharded) {
   TempDir dir;
   dpo::safetensors_save(dir.file("model-00001-of-00002.safetensors"), {{"a", torch::ones({2})}, {"b", torch::ones({1})}});
   dpo::safetensors_save(dir.file("model-00002-of-00002.safetensors"), {{"c", torch::full({4}, 3.0)}, {"unlisted", torch::ones({1})}});
-  write_index(dir.path().string(), {{"a", "model-00001-of-00002.safetensors"},
+  write_index(dir.path(), {{"a", "model-00001-of-00002.safetensors"},
                                     {"b", "model-00001-of-00002.safetensors"},
                                     {"c", "model-00002-of-00002.safetensors"}});
-  HfCheckpoint ck(dir.path().string());
+  HfCheckpoint ck(dir.path());
   EXPECT_EQ(ck.source(), "model.safetensors.index.json");
   EXPECT_EQ(ck.names(), (std::vector<std::string>{"a", "b", "c"}));
   EXPECT_TRUE(torch::equal(*ck.find("c"), torch::full({4}, 3.0)));
@@ -432,8 +412,8 @@ TEST(HfCheckpoint, Sharded) {
 TEST(HfCheckpoint, PrefersSingleFileOverIndex) {
   TempDir dir;
   dpo::safetensors_save(dir.file("model.safetensors"), {{"a", torch::ones({2})}});
-  write_index(dir.path().string(), {{"a", "missing.safetensors"}});
-  HfCheckpoint ck(dir.path().string());
+  write_index(dir.path(), {{"a", "missing.safetensors"}});
+  HfCheckpoint ck(dir.path());
   EXPECT_EQ(ck.source(), "model.safetensors");
 }
 
@@ -441,7 +421,7 @@ TEST(HfCheckpoint, RefusesPickleOnlyDirectory) {
   TempDir dir;
   write_bytes(dir.file("pytorch_model.bin"), "PK\x03\x04 not really");
   write_bytes(dir.file("config.json"), "{}");
-  std::string msg = throw_message([&] { HfCheckpoint ck(dir.path().string()); });
+  std::string msg = throw_message([&] { HfCheckpoint ck(dir.path()); });
   EXPECT_NE(msg.find("pytorch_model.bin"), std::string::npos) << msg;
   EXPECT_NE(msg.find("pickle"), std::string::npos) << msg;
   EXPECT_NE(msg.find("never loaded"), std::string::npos) << msg;
@@ -449,10 +429,10 @@ TEST(HfCheckpoint, RefusesPickleOnlyDirectory) {
   EXPECT_NE(msg.find("safe_serialization=True"), std::string::npos) << msg;
   fs::remove(dir.file("pytorch_model.bin"));
   write_bytes(dir.file("consolidated.00.pth"), "x");
-  msg = throw_message([&] { HfCheckpoint ck(dir.path().string()); });
+  msg = throw_message([&] { HfCheckpoint ck(dir.path()); });
   EXPECT_NE(msg.find("pickle"), std::string::npos) << msg;
   fs::remove(dir.file("consolidated.00.pth"));
-  msg = throw_message([&] { HfCheckpoint ck(dir.path().string()); });
+  msg = throw_message([&] { HfCheckpoint ck(dir.path()); });
   EXPECT_NE(msg.find("neither model.safetensors nor model.safetensors.index.json"), std::string::npos) << msg;
   msg = throw_message([&] { HfCheckpoint ck(dir.file("nope")); });
   EXPECT_NE(msg.find("does not exist"), std::string::npos) << msg;
@@ -460,23 +440,23 @@ TEST(HfCheckpoint, RefusesPickleOnlyDirectory) {
 
 TEST(HfCheckpoint, RefusesShardNamesOutsideDirectory) {
   TempDir dir;
-  fs::create_directories(dir.path() / "sub");
+  fs::create_directories(fs::path(dir.path()) / "sub");
   dpo::safetensors_save(dir.file("sub/x.safetensors"), {{"a", torch::ones({2})}});
   for (const std::string bad : {"../x.safetensors", "/etc/passwd", "sub/../../x.safetensors", "..", "sub\\..\\..\\x"}) {
-    write_index(dir.path().string(), {{"a", bad}});
-    std::string msg = throw_message([&] { HfCheckpoint ck(dir.path().string()); });
+    write_index(dir.path(), {{"a", bad}});
+    std::string msg = throw_message([&] { HfCheckpoint ck(dir.path()); });
     EXPECT_NE(msg.find("refused"), std::string::npos) << bad << ": " << msg;
     EXPECT_NE(msg.find("model.safetensors.index.json"), std::string::npos) << msg;
   }
   // A subdirectory inside the model directory is fine.
-  write_index(dir.path().string(), {{"a", "sub/x.safetensors"}});
-  HfCheckpoint ck(dir.path().string());
+  write_index(dir.path(), {{"a", "sub/x.safetensors"}});
+  HfCheckpoint ck(dir.path());
   EXPECT_TRUE(ck.has("a"));
 }
 
 TEST(HfCheckpoint, ShardErrorsCarryShardName) {
   TempDir dir;
-  const std::string d = dir.path().string();
+  const std::string d = dir.path();
   dpo::safetensors_save(dir.file("model-00001-of-00002.safetensors"), {{"a", torch::ones({2})}});
   write_index(d, {{"a", "model-00001-of-00002.safetensors"}, {"b", "model-00002-of-00002.safetensors"}});
   std::string msg = throw_message([&] { HfCheckpoint ck(d); });

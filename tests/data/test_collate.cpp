@@ -8,7 +8,7 @@
 
 #include "data/collate.h"
 #include "data/tokenizer_info.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {

@@ -16,7 +16,7 @@
 #include "data/sha256.h"
 #include "data/sources.h"
 #include "data/tokenizer_info.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "data/preference_h5.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "data/sha256.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {

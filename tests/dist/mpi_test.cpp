@@ -226,44 +226,13 @@ TEST(MpiGradSync, LayoutMismatchThrowsOnEveryRank) {
   auto p = torch::zeros({R() == 0 ? 3 : 4}).set_requires_grad(true);
   bool threw = false;
   try {
-    grad_sync(*g_comm, {p});
+    GradSync(*g_comm).sync({p});
   } catch (const CommError& e) {
     threw = true;
     EXPECT_NE(std::string(e.what()).find("differs between ranks"), std::string::npos) << e.what();
   }
   EXPECT_EQ(threw, W() > 1);  // one rank alone cannot disagree with itself
   g_comm->barrier();          // every rank is still in step
-}
-
-TEST(MpiMetricReducer, GlobalMeans) {
-  MetricReducer m({"loss", "rewards/accuracies", "eval_loss"});
-  // rank r: loss samples r and r + 1 (sum 2r + 1, count 2); accuracy 1 on odd ranks (count 1)
-  m.add("loss", R(), 1);
-  m.add("loss", R() + 1, 1);
-  m.add("rewards/accuracies", R() % 2, 1);
-  const auto means = m.reduce(*g_comm);
-  double loss_sum = 0, acc_sum = 0;
-  for (int r = 0; r < W(); ++r) {
-    loss_sum += 2 * r + 1;
-    acc_sum += r % 2;
-  }
-  EXPECT_DOUBLE_EQ(means.at("loss"), loss_sum / (2.0 * W()));
-  EXPECT_DOUBLE_EQ(means.at("rewards/accuracies"), acc_sum / W());
-  EXPECT_TRUE(std::isnan(means.at("eval_loss")));
-  EXPECT_DOUBLE_EQ(m.global_count("loss"), 2.0 * W());
-}
-
-TEST(MpiMetricReducer, DifferentKeyOrderThrowsOnEveryRank) {
-  MetricReducer m(R() == 0 ? std::vector<std::string>{"loss", "grad_norm"}
-                           : std::vector<std::string>{"grad_norm", "loss"});
-  bool threw = false;
-  try {
-    m.reduce(*g_comm);
-  } catch (const CommError& e) {
-    threw = true;
-    EXPECT_NE(std::string(e.what()).find("metric key list differs"), std::string::npos) << e.what();
-  }
-  EXPECT_EQ(threw, W() > 1);
 }
 
 TEST(MpiWatchdog, ArmedCollectivesCompleteNormally) {

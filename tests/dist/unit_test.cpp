@@ -1,6 +1,6 @@
 // Unit tests of dist/ that need no mpirun: chunk splitting, the watchdog, stop signals,
 // the fake communicator and the factory, GradSync packing (through a communicator that
-// mirrors one rank's data W times) and MetricReducer.
+// mirrors one rank's data W times).
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -396,7 +396,7 @@ TEST(DistGradSync, DividesByWorldSize) {
   MirrorCommunicator comm(3);
   auto p = torch::zeros({5}).set_requires_grad(true);
   p.mutable_grad() = torch::full({5}, 0.75f);
-  grad_sync(comm, {p});
+  GradSync(comm).sync({p});
   EXPECT_FLOAT_EQ(p.grad().data_ptr<float>()[4], 0.75f);  // (3 * 0.75) / 3
 }
 
@@ -445,32 +445,6 @@ TEST(DistGradSync, SingleRankOnlyFillsMissingGrads) {
   EXPECT_EQ(gs.numel(), 13);
   EXPECT_TRUE(params[1].grad().defined());
   EXPECT_EQ(params[0].grad().data_ptr<float>()[4], 4.0f);
-}
-
-// ----------------------------------------------------------------- MetricReducer
-
-TEST(DistMetricReducer, GlobalMeansOverRanksAndSamples) {
-  MirrorCommunicator comm(3);
-  MetricReducer m({"loss", "rewards/accuracies", "eval_loss"});
-  m.add("loss", 1.5, 2);  // two samples, sum 1.5
-  m.add("loss", 0.5, 2);
-  m.add("rewards/accuracies", 3.0, 4);
-  auto means = m.reduce(comm);
-  EXPECT_DOUBLE_EQ(means["loss"], (3 * 2.0) / (3 * 4.0));
-  EXPECT_DOUBLE_EQ(means["rewards/accuracies"], 0.75);
-  EXPECT_TRUE(std::isnan(means["eval_loss"]));
-  EXPECT_DOUBLE_EQ(m.global_count("loss"), 12.0);
-  EXPECT_EQ(comm.allgathers, 2);  // key order checked on the first reduce only
-  // accumulators were reset
-  means = m.reduce(comm);
-  EXPECT_TRUE(std::isnan(means["loss"]));
-  EXPECT_EQ(comm.allgathers, 2);
-}
-
-TEST(DistMetricReducer, RejectsUnknownAndDuplicateKeys) {
-  MetricReducer m({"loss"});
-  EXPECT_THROW(m.add("los", 1.0), std::invalid_argument);
-  EXPECT_THROW(MetricReducer({"a", "a"}), std::invalid_argument);
 }
 
 }  // namespace

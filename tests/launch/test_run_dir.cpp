@@ -6,6 +6,7 @@
 
 #include "launch/metrics_log.h"
 #include "launch/run_dir.h"
+#include "util/fs.h"
 
 namespace fs = std::filesystem;
 using namespace dpo;

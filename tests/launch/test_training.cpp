@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,7 +33,7 @@
 #include "launch/scoring.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {
@@ -689,6 +691,41 @@ TEST(Training, TrainerLoopWritesAdapterMetricsAndCheckpoints) {
   lora_load_peft(projections(m), out);
   PreferenceBatch b = collate_pairs(make_examples(2, 78, run.vocab), kPad);
   EXPECT_GT(max_abs_diff(logits_of(m, b), ref_logits(m, b)), 1e-5);
+}
+
+TEST(Training, CheckpointTrainerStateHoldsExactlyHfTrainerStateFields) {
+  TinyRun run;
+  make_run(run, 8);
+  const std::string out = run.dir.file("out");
+  FakeCommunicator comm;
+  TrainOptions o = run_options(run, out);
+  o.max_steps = 2;
+  o.save_steps = 1;
+  ASSERT_EQ(train(o, comm), 0);
+  std::set<std::string> hf;
+  std::istringstream fields(testutil::read_file(std::string(DPO_SOURCE_DIR) + "/tests/launch/fixtures/hf_trainer_state_fields.txt"));
+  for (std::string line; std::getline(fields, line);)
+    if (!line.empty() && line[0] != '#') hf.insert(line);
+  ASSERT_EQ(hf.size(), 20u);
+  for (const std::string& dir : {out + "/checkpoint-1", out}) {
+    auto st = nlohmann::json::parse(testutil::read_file(dir + "/trainer_state.json"));
+    std::set<std::string> keys;
+    for (auto it = st.begin(); it != st.end(); ++it) keys.insert(it.key());
+    EXPECT_EQ(keys, hf) << dir;
+    EXPECT_TRUE(st.at("global_step").is_number_integer());
+    EXPECT_TRUE(st.at("epoch").is_number());
+    EXPECT_TRUE(st.at("log_history").is_array());
+    EXPECT_TRUE(st.at("stateful_callbacks").is_object());
+    EXPECT_TRUE(st.at("best_metric").is_null());
+  }
+  // dpo_dist's own resume record sits beside it, and resuming from it works.
+  EXPECT_TRUE(fs::exists(out + "/checkpoint-1/dpo_dist_state.json"));
+  TrainOptions r = run_options(run, out);
+  r.max_steps = 3;
+  r.save_steps = 0;
+  r.resume_from_checkpoint = out + "/checkpoint-1";
+  EXPECT_EQ(train(r, comm), 0);
+  EXPECT_EQ(nlohmann::json::parse(testutil::read_file(out + "/trainer_state.json")).at("global_step").get<int64_t>(), 3);
 }
 
 TEST(Training, TrainerPrecomputedReferenceGivesSameFirstStep) {

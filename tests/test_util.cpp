@@ -1,4 +1,4 @@
-#include "tests/data/test_util.h"
+#include "tests/test_util.h"
 
 #include <sys/wait.h>
 
@@ -27,6 +27,21 @@ TempDir::TempDir(const std::string& prefix) {
 TempDir::~TempDir() {
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
+}
+
+std::string TempDir::sub(const std::string& name) const {
+  const std::string p = file(name);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+std::string throw_message(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no exception>";
 }
 
 void write_file(const std::string& path, const std::string& content) {

@@ -1,6 +1,7 @@
-// Helpers shared by the data tests (and reusable by other test suites): a tiny
-// sentencepiece model trained in-process, temporary directories, running a tool.
+// Helpers shared by every test suite: a tiny sentencepiece model, temporary
+// directories, reading/writing small files, running a tool.
 #pragma once
+#include <functional>
 #include <string>
 
 namespace dpo {
@@ -23,12 +24,18 @@ class TempDir {
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
   const std::string& path() const { return path_; }
+  const std::string& str() const { return path_; }
   /// path() + "/" + name
   std::string file(const std::string& name) const { return path_ + "/" + name; }
+  /// Creates path()/name (and parents) and returns it.
+  std::string sub(const std::string& name) const;
 
  private:
   std::string path_;
 };
+
+/// The what() of the std::exception fn throws, or "<no exception>".
+std::string throw_message(const std::function<void()>& fn);
 
 void write_file(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path);

@@ -1,0 +1,475 @@
+// sequence_logps: a custom autograd function with a hand-vectorized CPU loop and an
+// ATen fallback; average_by_length and token_mean_nll.
+#include "core/logps.h"
+#include "util/tensor_str.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+
+namespace dpo {
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+
+// The positions whose logits are read: row r, position p = t - 1 predicts the answer
+// token ids[r][t]. Built on the CPU from the (R, T) ids and mask; rows ascending and
+// positions ascending within a row (row_begin[r] .. row_begin[r + 1]).
+struct ActivePositions {
+  std::vector<int64_t> row, pos, target;
+  std::vector<int64_t> row_begin;  // (R + 1)
+  int64_t size() const { return static_cast<int64_t>(row.size()); }
+};
+
+ActivePositions active_positions(const Tensor& input_ids, const Tensor& loss_mask, int64_t vocab) {
+  const int64_t R = input_ids.size(0), T = input_ids.size(1);
+  Tensor ids = input_ids.to(torch::kCPU, torch::kLong).contiguous();
+  Tensor mask = loss_mask.to(torch::kCPU).ne(0).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const bool* m = mask.data_ptr<bool>();
+  ActivePositions a;
+  a.row_begin.assign(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    a.row_begin[r] = a.size();
+    for (int64_t t = 1; t < T; ++t) {
+      if (!m[r * T + t]) continue;
+      const int64_t tok = id[r * T + t];
+      if (tok < 0 || tok >= vocab) {
+        throw std::runtime_error("sequence_logps: input_ids[" + std::to_string(r) + "][" + std::to_string(t) +
+                                 "] = " + std::to_string(tok) + " is an answer token outside the vocabulary [0, " +
+                                 std::to_string(vocab) + "); the data was tokenized for another model (check "
+                                 "vocab_size) or loss_mask marks padding");
+      }
+      a.row.push_back(r);
+      a.pos.push_back(t - 1);
+      a.target.push_back(tok);
+    }
+  }
+  a.row_begin[R] = a.size();
+  return a;
+}
+
+Tensor to_long_tensor(const std::vector<int64_t>& v) {
+  Tensor t = torch::empty({static_cast<int64_t>(v.size())}, torch::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+Tensor to_double_tensor(const std::vector<double>& v) {
+  Tensor t = torch::empty({static_cast<int64_t>(v.size())}, torch::kDouble);
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t;
+}
+
+torch::ScalarType acc_dtype(torch::ScalarType t) {
+  return t == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+// Grain for parallel_for over positions: each position costs ~V exp()s.
+int64_t position_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vocab)); }
+
+// ---- CPU loop -------------------------------------------------------------------
+// Per position: lse = log(sum exp(x)) in one pass over the V logits (chunks of kChunk
+// stay in L1: chunk max, then the chunk's exp-sum rescaled into a running double
+// sum), the target logit, and the sum of the logits (for the V-mean). Nothing of
+// size V is stored. fp32/bf16/fp16 logits use exp_approx in 8 independent lanes so
+// the compiler vectorizes; rows with a non-finite logit and fp64 logits take the
+// exact std::exp path (NaN/inf propagate as in log_softmax).
+
+constexpr int64_t kChunk = 512;
+constexpr int kLanes = 8;
+
+// Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, with a
+// degree-6 polynomial; relative error ~2 ulp for x in [-87, 88] (x is clamped there,
+// so exp(-inf) reads as ~1.6e-38 instead of 0: callers only pass finite x <= ~0).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;  // in [-125.6, 127]
+  // round(t) without a branch: the shifted value is > 0, so truncation is floor.
+  const int32_t n = static_cast<int32_t>(t + 128.5f) - 128;
+  const float fn = static_cast<float>(n);
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// The chunk as fp32: the logits themselves when they are fp32, else converted into buf.
+template <typename scalar_t>
+inline const float* chunk_as_float(const scalar_t* x, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+    return buf;
+  }
+}
+
+inline float chunk_max(const float* f, int64_t n) {
+  float m[kLanes];
+  for (int j = 0; j < kLanes; ++j) m[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) m[j] = f[i + j] > m[j] ? f[i + j] : m[j];
+  }
+  for (; i < n; ++i) m[0] = f[i] > m[0] ? f[i] : m[0];
+  float out = m[0];
+  for (int j = 1; j < kLanes; ++j) out = m[j] > out ? m[j] : out;
+  return out;
+}
+
+// Sum of exp(f - shift) and sum of f over one chunk.
+inline void chunk_sums(const float* f, int64_t n, float shift, float& sum_exp, float& sum_x) {
+  float se[kLanes] = {}, sx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      se[j] += exp_approx(f[i + j] - shift);
+      sx[j] += f[i + j];
+    }
+  }
+  for (; i < n; ++i) se[0] += exp_approx(f[i] - shift), sx[0] += f[i];
+  sum_exp = 0.0f;
+  sum_x = 0.0f;
+  for (int j = 0; j < kLanes; ++j) sum_exp += se[j], sum_x += sx[j];
+}
+
+// Exact two-pass log-sum-exp in the accumulation type (fp64 logits, non-finite rows).
+template <typename scalar_t>
+inline void exact_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  double sx = 0.0;
+  bool nan = false;
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t xv = static_cast<acc_t>(x[v]);
+    nan |= std::isnan(xv);
+    mx = xv > mx ? xv : mx;
+    sx += xv;
+  }
+  double se = 0.0;
+  for (int64_t v = 0; v < V; ++v) se += std::exp(static_cast<acc_t>(x[v]) - mx);
+  lse = nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(mx) + std::log(se);
+  sum_x = sx;
+}
+
+// Returns false (and leaves lse unset) when the row holds a non-finite logit.
+template <typename scalar_t>
+inline bool fast_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x) {
+  float buf[kChunk];
+  double run_max = -std::numeric_limits<double>::infinity(), run_sum = 0.0, sx_total = 0.0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float* f = chunk_as_float(x + c0, n, buf);
+    const float m = chunk_max(f, n);
+    float se, sx;
+    chunk_sums(f, n, m, se, sx);
+    if (!std::isfinite(sx)) return false;  // inf/NaN somewhere in the chunk
+    sx_total += sx;
+    if (m > run_max) {
+      run_sum = run_sum * std::exp(run_max - m) + se;
+      run_max = m;
+    } else {
+      run_sum += se * std::exp(m - run_max);
+    }
+  }
+  lse = run_max + std::log(run_sum);
+  sum_x = sx_total;
+  return true;
+}
+
+// exact[i] = 1 where position i was computed exactly (its backward must be too).
+void cpu_forward(const Tensor& logits, const ActivePositions& a, std::vector<double>& logp,
+                 std::vector<double>& sum_logit, std::vector<double>& lse, std::vector<uint8_t>& exact) {
+  const int64_t T = logits.size(1), V = logits.size(2), N = a.size();
+  logp.assign(N, 0.0);
+  sum_logit.assign(N, 0.0);
+  lse.assign(N, 0.0);
+  exact.assign(N, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sequence_logps_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, N, position_grain(V), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t* x = base + (a.row[i] * T + a.pos[i]) * V;
+        double l = 0.0, sx = 0.0;
+        const bool fast = std::is_same_v<acc_t, float> && fast_lse(x, V, l, sx);
+        if (!fast) exact_lse(x, V, l, sx);
+        exact[i] = fast ? 0 : 1;
+        lse[i] = l;
+        logp[i] = static_cast<double>(static_cast<acc_t>(x[a.target[i]])) - l;
+        sum_logit[i] = sx;
+      }
+    });
+  });
+}
+
+// d logp / d x_v = [v == target] - softmax(x)_v, times the row's incoming gradient.
+// "logp[i] = x[target] - lse" is the forward line this differentiates. Every (r, p)
+// slice of the result is written exactly once: zeros where nothing was scored.
+Tensor cpu_backward(const Tensor& logits, const ActivePositions& a, const std::vector<double>& lse,
+                    const std::vector<uint8_t>& exact, const Tensor& grad_rows) {
+  const int64_t R = logits.size(0), T = logits.size(1), V = logits.size(2), N = a.size();
+  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  Tensor g = grad_rows.to(torch::kCPU, torch::kDouble).contiguous();
+  const double* gr = g.data_ptr<double>();
+  std::vector<uint8_t> scored(R * T, 0);
+  for (int64_t i = 0; i < N; ++i) scored[a.row[i] * T + a.pos[i]] = 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sequence_logps_cpu_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    scalar_t* out_base = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, R * T, position_grain(V), [&](int64_t b, int64_t e) {
+      for (int64_t rp = b; rp < e; ++rp) {
+        if (!scored[rp]) std::fill(out_base + rp * V, out_base + (rp + 1) * V, scalar_t(0));
+      }
+    });
+    at::parallel_for(0, N, position_grain(V), [&](int64_t b, int64_t e) {
+      float in_buf[kChunk], out_buf[kChunk];
+      for (int64_t i = b; i < e; ++i) {
+        const double gi = gr[a.row[i]];
+        const int64_t off = (a.row[i] * T + a.pos[i]) * V;
+        const scalar_t* x = base + off;
+        scalar_t* out = out_base + off;
+        if (gi == 0.0) {
+          std::fill(out, out + V, scalar_t(0));
+          continue;
+        }
+        const acc_t l = static_cast<acc_t>(lse[i]);
+        const acc_t ga = static_cast<acc_t>(gi);
+        bool done = false;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (!exact[i]) {
+            // Through a local buffer: no aliasing between x and out for the vectorizer.
+            for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, V - c0);
+              const float* f = chunk_as_float(x + c0, n, in_buf);
+              int64_t v = 0;
+              for (; v + kLanes <= n; v += kLanes) {  // fixed-width blocks: vectorized at -O2
+                for (int j = 0; j < kLanes; ++j) out_buf[v + j] = -ga * exp_approx(f[v + j] - l);
+              }
+              for (; v < n; ++v) out_buf[v] = -ga * exp_approx(f[v] - l);
+              for (v = 0; v < n; ++v) out[c0 + v] = static_cast<scalar_t>(out_buf[v]);
+            }
+            done = true;
+          }
+        }
+        if (!done) {
+          for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(-ga * std::exp(static_cast<acc_t>(x[v]) - l));
+        }
+        const acc_t p_t = std::exp(static_cast<acc_t>(x[a.target[i]]) - l);
+        out[a.target[i]] = static_cast<scalar_t>(ga * (acc_t(1) - p_t));
+      }
+    });
+  });
+  return grad;
+}
+
+// ---- ATen fallback (CUDA, or any layout) --------------------------------------
+// One row at a time, only its needed positions upcast: at most (T, V) fp32 alive.
+struct RowIndex {
+  Tensor pos, target;  // (n) int64 on the logits' device
+};
+
+std::vector<RowIndex> row_indices(const ActivePositions& a, int64_t R, const torch::Device& dev) {
+  std::vector<RowIndex> out(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = a.row_begin[r], e = a.row_begin[r + 1];
+    if (b == e) continue;
+    out[r].pos = to_long_tensor(std::vector<int64_t>(a.pos.begin() + b, a.pos.begin() + e)).to(dev);
+    out[r].target = to_long_tensor(std::vector<int64_t>(a.target.begin() + b, a.target.begin() + e)).to(dev);
+  }
+  return out;
+}
+
+class SeqLogpsFn : public torch::autograd::Function<SeqLogpsFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, Tensor logits, Tensor input_ids, Tensor loss_mask,
+                               int64_t kernel) {
+    const int64_t R = logits.size(0), V = logits.size(2);
+    const auto acc = acc_dtype(logits.scalar_type());
+    const auto out_opts = logits.options().dtype(acc);
+    auto a = std::make_shared<ActivePositions>(active_positions(input_ids, loss_mask, V));
+    std::vector<int64_t> counts(R);
+    for (int64_t r = 0; r < R; ++r) counts[r] = a->row_begin[r + 1] - a->row_begin[r];
+    Tensor token_counts = to_long_tensor(counts).to(logits.device());
+
+    const bool use_loop = kernel == static_cast<int64_t>(detail::LogpsKernel::cpu_loop) ||
+                          (kernel == static_cast<int64_t>(detail::LogpsKernel::automatic) && logits.is_cpu());
+    Tensor logps, mean_logits;
+    if (use_loop) {
+      if (!logits.is_cpu()) throw std::runtime_error("sequence_logps: the cpu_loop kernel needs CPU logits");
+      Tensor x = logits.contiguous();
+      std::vector<double> logp, sum_logit, lse;
+      std::vector<uint8_t> exact;
+      cpu_forward(x, *a, logp, sum_logit, lse, exact);
+      std::vector<double> row_logp(R, 0.0), row_mean(R, 0.0);
+      for (int64_t r = 0; r < R; ++r) {
+        double s = 0.0, m = 0.0;
+        for (int64_t i = a->row_begin[r]; i < a->row_begin[r + 1]; ++i) {
+          s += logp[i];
+          m += sum_logit[i] / static_cast<double>(V);
+        }
+        row_logp[r] = s;
+        row_mean[r] = counts[r] > 0 ? m / static_cast<double>(counts[r]) : 0.0;
+      }
+      logps = to_double_tensor(row_logp).to(out_opts);
+      mean_logits = to_double_tensor(row_mean).to(out_opts);
+      ctx->save_for_backward({x});
+      ctx->saved_data["lse"] = to_double_tensor(lse);
+      ctx->saved_data["exact"] = to_long_tensor(std::vector<int64_t>(exact.begin(), exact.end()));
+    } else {
+      auto rows = row_indices(*a, R, logits.device());
+      std::vector<Tensor> lp(R), ml(R), lses(R);
+      for (int64_t r = 0; r < R; ++r) {
+        if (!rows[r].pos.defined()) {
+          lp[r] = torch::zeros({}, out_opts);
+          ml[r] = torch::zeros({}, out_opts);
+          lses[r] = torch::zeros({0}, out_opts);
+          continue;
+        }
+        Tensor x = logits[r].index_select(0, rows[r].pos).to(acc);  // (n, V)
+        Tensor l = x.logsumexp({1});                                  // (n)
+        Tensor tgt = x.gather(1, rows[r].target.unsqueeze(1)).squeeze(1);
+        lp[r] = (tgt - l).to(torch::kDouble).sum().to(acc);
+        ml[r] = x.to(torch::kDouble).mean({1}).mean().to(acc);
+        lses[r] = l;
+      }
+      logps = R > 0 ? at::stack(lp) : torch::zeros({0}, out_opts);
+      mean_logits = R > 0 ? at::stack(ml) : torch::zeros({0}, out_opts);
+      ctx->save_for_backward({logits});
+      ctx->saved_data["row_lse"] = c10::List<Tensor>(std::vector<Tensor>(lses.begin(), lses.end()));
+    }
+    ctx->saved_data["kernel"] = static_cast<int64_t>(use_loop ? detail::LogpsKernel::cpu_loop : detail::LogpsKernel::aten);
+    // The position list is plain CPU data; an IValue holds it through a tensor.
+    ctx->saved_data["row"] = to_long_tensor(a->row);
+    ctx->saved_data["pos"] = to_long_tensor(a->pos);
+    ctx->saved_data["target"] = to_long_tensor(a->target);
+    ctx->saved_data["row_begin"] = to_long_tensor(a->row_begin);
+    ctx->mark_non_differentiable({mean_logits, token_counts});
+    return {logps, mean_logits, token_counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    Tensor logits = ctx->get_saved_variables()[0];
+    Tensor g = grads[0];  // (R)
+    const int64_t R = logits.size(0);
+    auto vec = [&](const char* k) {
+      Tensor t = ctx->saved_data[k].toTensor();
+      return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+    };
+    ActivePositions a;
+    a.row = vec("row");
+    a.pos = vec("pos");
+    a.target = vec("target");
+    a.row_begin = vec("row_begin");
+    Tensor grad;
+    if (!g.defined()) {
+      grad = at::zeros_like(logits);
+    } else if (ctx->saved_data["kernel"].toInt() == static_cast<int64_t>(detail::LogpsKernel::cpu_loop)) {
+      Tensor l = ctx->saved_data["lse"].toTensor();
+      std::vector<double> lse(l.data_ptr<double>(), l.data_ptr<double>() + l.numel());
+      const auto ex = vec("exact");
+      grad = cpu_backward(logits, a, lse, std::vector<uint8_t>(ex.begin(), ex.end()), g);
+    } else {
+      const auto acc = acc_dtype(logits.scalar_type());
+      auto row_lse = ctx->saved_data["row_lse"].toTensorList();
+      auto rows = row_indices(a, R, logits.device());
+      grad = at::zeros_like(logits);
+      Tensor gd = g.to(logits.device(), acc);
+      for (int64_t r = 0; r < R; ++r) {
+        if (!rows[r].pos.defined()) continue;
+        Tensor x = logits[r].index_select(0, rows[r].pos).to(acc);  // (n, V)
+        Tensor lse = row_lse.get(r);
+        Tensor d = (x - lse.unsqueeze(1)).exp_().neg_();  // -softmax
+        d.scatter_add_(1, rows[r].target.unsqueeze(1), torch::ones({d.size(0), 1}, d.options()));
+        d.mul_(gd[r]);
+        grad[r].index_copy_(0, rows[r].pos, d.to(logits.scalar_type()));
+      }
+    }
+    return {grad, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+
+Tensor counts_as(const Tensor& token_counts, const Tensor& like) {
+  return token_counts.to(like.device(), like.scalar_type());
+}
+
+}  // namespace
+
+void check_logps_inputs(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask) {
+  if (!logits.defined() || logits.dim() != 3 || !logits.is_floating_point()) {
+    throw std::runtime_error("sequence_logps: logits must be a float tensor of shape (R, T, V); got " +
+                             (logits.defined() ? shape_str(logits) : std::string("undefined")));
+  }
+  if (!input_ids.defined() || input_ids.dim() != 2 || input_ids.size(0) != logits.size(0) ||
+      input_ids.size(1) != logits.size(1)) {
+    throw std::runtime_error("sequence_logps: input_ids must be (R, T) = (" + std::to_string(logits.size(0)) +
+                             ", " + std::to_string(logits.size(1)) + ") to match logits " + shape_str(logits) +
+                             "; got " + (input_ids.defined() ? shape_str(input_ids) : std::string("undefined")));
+  }
+  if (input_ids.is_floating_point() || input_ids.scalar_type() == torch::kBool || input_ids.is_complex()) {
+    throw std::runtime_error("sequence_logps: input_ids must be an integer tensor (int64 or int32)");
+  }
+  if (!loss_mask.defined() || loss_mask.sizes() != input_ids.sizes()) {
+    throw std::runtime_error("sequence_logps: loss_mask must have the shape of input_ids " + shape_str(input_ids) +
+                             "; got " + (loss_mask.defined() ? shape_str(loss_mask) : std::string("undefined")));
+  }
+  if (logits.size(2) == 0) throw std::runtime_error("sequence_logps: logits have an empty vocabulary dimension");
+}
+
+namespace detail {
+SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask,
+                        LogpsKernel kernel) {
+  check_logps_inputs(logits, input_ids, loss_mask);
+  auto out = SeqLogpsFn::apply(logits, input_ids, loss_mask, static_cast<int64_t>(kernel));
+  return SeqLogps{out[0], out[1], out[2]};
+}
+}  // namespace detail
+
+SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask) {
+  return detail::sequence_logps(logits, input_ids, loss_mask, detail::LogpsKernel::automatic);
+}
+
+Tensor average_by_length(const Tensor& logps, const Tensor& token_counts) {
+  if (logps.sizes() != token_counts.sizes()) {
+    throw std::runtime_error("average_by_length: logps " + shape_str(logps) + " and token_counts " +
+                             shape_str(token_counts) + " must both be (R)");
+  }
+  Tensor c = counts_as(token_counts, logps);
+  return at::where(c > 0, logps / c.clamp_min(1), at::zeros_like(logps));
+}
+
+Tensor token_mean_nll(const Tensor& logps, const Tensor& token_counts) {
+  if (logps.sizes() != token_counts.sizes()) {
+    throw std::runtime_error("token_mean_nll: logps " + shape_str(logps) + " and token_counts " +
+                             shape_str(token_counts) + " must both be (R)");
+  }
+  Tensor n = counts_as(token_counts, logps).sum();
+  return -logps.sum() / n.clamp_min(1);  // no tokens: -0 / 1 = 0
+}
+
+}  // namespace dpo

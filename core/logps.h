@@ -1,0 +1,70 @@
+// Per-sequence log-probs of the answer tokens from a model's (R, T, V) logits: the
+// hand-vectorized CPU kernel (one pass over V per scored position, nothing of size V
+// stored) with its autograd function, an ATen fallback for other devices, and the two
+// reductions the objectives use (length-average, token-mean NLL).
+//
+// Legend: R = rows (R = 2B for a DPO batch: the B chosen rows first, then the B
+// rejected rows, as TRL's concatenated_forward), T = tokens per row (prompt + answer
+// + padding), V = vocabulary size.
+//
+// Token alignment (causal LM): the log-prob of token t is read from the logits at
+// position t-1, so loss_mask[:, 0] is never used (nothing predicts the first token).
+#pragma once
+#include <cstdint>
+
+#include <torch/types.h>
+
+namespace dpo {
+
+/// Per-row statistics of the answer tokens of (R, T, V) logits.
+struct SeqLogps {
+  /// Sum over answer tokens of log p(token | prefix), computed with an fp32 (fp64 for
+  /// fp64 logits) log-softmax. Differentiable w.r.t. the logits. 0 for a row without
+  /// answer tokens.
+  torch::Tensor logps;  // (R) fp32 (fp64 for fp64 logits)
+  /// Mean over the row's answer positions of the mean logit over V (the positions
+  /// t-1 that predict answer tokens). Detached. 0 for a row without answer tokens.
+  /// TRL's logits/chosen is a TOKEN-weighted mean over all answer positions of the
+  /// chosen rows: sum_r mean_logits[r] * token_counts[r] / sum_r token_counts[r]
+  /// (not the plain mean over rows, unless all rows have the same answer length).
+  torch::Tensor mean_logits;  // (R) same dtype as logps
+  /// Number of answer tokens that were scored (loss_mask[:, 1:] != 0).
+  torch::Tensor token_counts;  // (R) int64
+};
+
+/// Log-probs of the answer tokens of every row.
+/// logits: any float dtype, any device; never copied whole to fp32: on CPU a
+/// hand-written loop reads each needed position once in place; on other devices
+/// (or `aten` path) each row's needed positions are upcast separately.
+/// Positions that predict no answer token (prompt, padding) cost nothing.
+/// Throws std::runtime_error on bad shapes or an answer token id outside [0, V).
+SeqLogps sequence_logps(const torch::Tensor& logits,     // (R, T, V) float
+                        const torch::Tensor& input_ids,  // (R, T) integer
+                        const torch::Tensor& loss_mask); // (R, T) nonzero at answer tokens
+
+/// The shape and dtype checks of sequence_logps, for callers that want them before
+/// other work: logits (R, T, V) float, input_ids (R, T) integer, loss_mask (R, T).
+/// Throws std::runtime_error naming the mismatch.
+void check_logps_inputs(const torch::Tensor& logits, const torch::Tensor& input_ids,
+                        const torch::Tensor& loss_mask);
+
+/// logps / token_counts per row (0 where a row has no answer tokens): the
+/// length-averaged log-probs TRL uses for loss_type "ipo".
+torch::Tensor average_by_length(const torch::Tensor& logps,          // (R) float
+                                const torch::Tensor& token_counts);  // (R) int64
+
+/// Mean negative log-likelihood per token over all rows together (token-weighted):
+/// -sum(logps) / sum(token_counts); 0 when there are no tokens. Differentiable
+/// through logps. TRL's RPO nll_loss is this over the chosen rows of one micro-batch.
+torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed log-probs
+                             const torch::Tensor& token_counts);  // (R) int64
+
+namespace detail {
+/// Which kernel sequence_logps uses: automatic = the CPU loop for contiguous CPU
+/// logits, ATen ops otherwise. Exposed for tests that compare the two.
+enum class LogpsKernel { automatic, cpu_loop, aten };
+SeqLogps sequence_logps(const torch::Tensor& logits, const torch::Tensor& input_ids,
+                        const torch::Tensor& loss_mask, LogpsKernel kernel);
+}  // namespace detail
+
+}  // namespace dpo
