@@ -13,8 +13,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <set>
 #include <utility>
 #include <vector>
@@ -3039,6 +3041,71 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& messages, bool ad
   }
   exec_body(impl_->body, ctx);
   return out;
+}
+
+namespace {
+
+bool read_text_file(const std::string& path, std::string* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) throw std::runtime_error(path + ": read error");
+  *out = ss.str();
+  return true;
+}
+
+}  // namespace
+
+std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir) {
+  ChatTemplateSource src;
+  if (!file.empty()) {
+    if (!read_text_file(file, &src.text))
+      throw std::runtime_error(file + ": cannot read the chat template (--chat_template)");
+    src.origin = file;
+    return src;
+  }
+  if (dir.empty()) return std::nullopt;
+  const std::string jinja = dir + "/chat_template.jinja";
+  if (read_text_file(jinja, &src.text)) {
+    src.origin = jinja;
+    return src;
+  }
+  const std::string cfg_path = dir + "/tokenizer_config.json";
+  std::string cfg_text;
+  if (!read_text_file(cfg_path, &cfg_text)) return std::nullopt;
+  nlohmann::json cfg;
+  try {
+    cfg = nlohmann::json::parse(cfg_text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(cfg_path + ": malformed JSON: " + e.what());
+  }
+  if (!cfg.is_object()) throw std::runtime_error(cfg_path + ": not a JSON object");
+  auto it = cfg.find("chat_template");
+  if (it == cfg.end() || it->is_null()) return std::nullopt;
+  src.origin = cfg_path + " (chat_template)";
+  if (it->is_string()) {
+    src.text = it->get<std::string>();
+    return src;
+  }
+  if (it->is_array()) {
+    std::string names;
+    for (const auto& e : *it) {
+      if (!e.is_object() || !e.contains("name") || !e["name"].is_string() || !e.contains("template") ||
+          !e["template"].is_string())
+        throw std::runtime_error(cfg_path + ": chat_template is a list whose entries must be {\"name\": string, \"template\": string}");
+      names += (names.empty() ? "" : ", ") + e["name"].get<std::string>();
+      if (e["name"] == "default") {
+        src.text = e["template"].get<std::string>();
+        src.origin = cfg_path + " (chat_template \"default\")";
+        return src;
+      }
+    }
+    throw std::runtime_error(cfg_path + ": chat_template lists templates (" + names +
+                             ") but none named \"default\"; pass one with --chat_template FILE");
+  }
+  throw std::runtime_error(cfg_path + ": chat_template is " + std::string(it->type_name()) +
+                           ", expected a string or a list of {\"name\", \"template\"}");
 }
 
 }  // namespace dpo

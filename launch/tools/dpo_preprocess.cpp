@@ -25,6 +25,8 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <ctime>
+#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -38,6 +40,7 @@
 #include <thread>
 #include <vector>
 
+#include "data/chat_template.h"
 #include "data/preference_h5.h"
 #include "data/preprocess.h"
 #include "data/tokenizer.h"
@@ -177,6 +180,58 @@ int inspect(const std::string& path) {
   return 0;
 }
 
+// bos_token / eos_token strings of DIR/tokenizer_config.json (a string, an AddedToken
+// object {"content": ...}, or null / absent: the variable stays undefined).
+void set_special_token_strings(ChatTemplate* chat, const std::string& dir) {
+  std::ifstream f(dir + "/tokenizer_config.json");
+  if (!f) return;
+  nlohmann::json cfg;
+  try {
+    f >> cfg;
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(dir + "/tokenizer_config.json: malformed JSON: " + e.what());
+  }
+  auto token = [&](const char* key) -> std::optional<std::string> {
+    auto it = cfg.find(key);
+    if (it == cfg.end() || it->is_null()) return std::nullopt;
+    if (it->is_string()) return it->get<std::string>();
+    if (it->is_object() && it->contains("content") && (*it)["content"].is_string())
+      return (*it)["content"].get<std::string>();
+    throw std::runtime_error(dir + "/tokenizer_config.json: " + key + " must be a string, an AddedToken object or null");
+  };
+  chat->set_bos_token(token("bos_token"));
+  chat->set_eos_token(token("eos_token"));
+}
+
+// The chat template of conversational rows (null when the model has none: such rows are
+// then refused with a message saying how to give one).
+std::unique_ptr<ChatTemplate> load_chat_template(const std::string& file, const std::string& kwargs,
+                                                 const std::string& dir) {
+  std::optional<ChatTemplateSource> src = find_chat_template(file, dir);
+  if (!src) {
+    if (!kwargs.empty()) throw CliError("--chat_template_kwargs given but no chat template was found (--chat_template FILE)");
+    return nullptr;
+  }
+  std::unique_ptr<ChatTemplate> chat;
+  try {
+    chat = std::make_unique<ChatTemplate>(src->text);
+  } catch (const ChatTemplateError& e) {
+    throw std::runtime_error(src->origin + ": " + e.what());
+  }
+  set_special_token_strings(chat.get(), dir);
+  if (!kwargs.empty()) {
+    nlohmann::ordered_json vars;
+    try {
+      vars = nlohmann::ordered_json::parse(kwargs);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw CliError(std::string("--chat_template_kwargs: malformed JSON: ") + e.what());
+    }
+    if (!vars.is_object()) throw CliError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'");
+    chat->set_extra_variables(vars);
+  }
+  return chat;
+}
+
 int run(HostComm& mpi, int argc, char** argv) {
   const double t0 = now_s(), cpu0 = cpu_seconds();
   const bool root = mpi.rank() == 0;
@@ -186,7 +241,14 @@ int run(HostComm& mpi, int argc, char** argv) {
   cli.add_string("output", "", "output HDF5 file (written as OUTPUT.tmp-PID, renamed when complete)");
   cli.add_string("tokenizer", "", "sentencepiece tokenizer.model");
   cli.add_string("model_name_or_path", "", "model directory: uses DIR/tokenizer.model (instead of --tokenizer)");
-  cli.add_string("format", "trl", "trl (prompt, chosen, rejected) or stack-exchange (question, response_j, response_k)");
+  cli.add_string("chat_template", "",
+                 "Jinja chat template for conversational rows (default: DIR/chat_template.jinja, else chat_template "
+                 "of DIR/tokenizer_config.json; DIR = --model_name_or_path or the tokenizer's directory)");
+  cli.add_string("chat_template_kwargs", "",
+                 "JSON object of extra chat template variables, e.g. '{\"enable_thinking\": false}'");
+  cli.add_string("format", "trl",
+                 "trl (prompt, chosen, rejected: text, or chat messages rendered by the chat template) or "
+                 "stack-exchange (question, response_j, response_k)");
   cli.add_int("max_length", 1024, "max tokens of prompt + answer");
   cli.add_int("max_prompt_length", 512, "max prompt tokens (bos counted); longer prompts keep bos + their end");
   cli.add_bool("skip_invalid", false, "skip invalid lines (counted by reason) instead of stopping at the first");
@@ -199,6 +261,7 @@ int run(HostComm& mpi, int argc, char** argv) {
   bool help_only = false;
   PreprocessOptions opts;
   std::unique_ptr<Tokenizer> tok;
+  std::unique_ptr<ChatTemplate> chat;
   std::vector<int64_t> sizes;
   int64_t total_bytes = 0;
   std::string output, inspect_path, progress_mode, stats_json;
@@ -248,6 +311,9 @@ int run(HostComm& mpi, int argc, char** argv) {
     for (const auto& in : opts.inputs)
       if (same_file_key(in) == out_key) throw CliError("--output " + output + " is also an --input");
     tok = std::make_unique<Tokenizer>(tok_path);
+    chat = load_chat_template(cli.get_string("chat_template"), cli.get_string("chat_template_kwargs"),
+                              model_dir.empty() ? std::filesystem::path(tok_path).parent_path().string() : model_dir);
+    opts.chat_template = chat.get();
     sizes = input_sizes(opts.inputs);
     for (int64_t s : sizes) total_bytes += s;
   });
@@ -257,9 +323,12 @@ int run(HostComm& mpi, int argc, char** argv) {
   if (help_only) return 0;
   if (!inspect_path.empty()) return root ? inspect(inspect_path) : 0;
 
-  // Step 2: names.
+  // Step 2: names; rank 0's clock for the chat template's strftime_now (one date for all ranks).
   int64_t pid = int64_t(getpid());
   mpi.broadcast(&pid, sizeof pid, 0);
+  int64_t now = int64_t(std::time(nullptr));
+  mpi.broadcast(&now, sizeof now, 0);
+  if (chat) chat->set_now(std::time_t(now));
   const std::string temp = output + ".tmp-" + std::to_string(pid);
   const std::string mine = root ? temp : temp + ".part" + std::to_string(mpi.rank());
 

@@ -85,10 +85,10 @@ int check_template(const std::string& name) {
 }
 
 TEST_F(ChatGoldens, Llama3Instruct) { EXPECT_EQ(check_template("llama3_instruct.jinja"), 12); }
-TEST_F(ChatGoldens, Llama31Instruct) { EXPECT_EQ(check_template("llama3_1_instruct.jinja"), 16); }
+TEST_F(ChatGoldens, Llama31Instruct) { EXPECT_EQ(check_template("llama3_1_instruct.jinja"), 24); }
 TEST_F(ChatGoldens, Llama32Instruct) { EXPECT_EQ(check_template("llama3_2_instruct.jinja"), 16); }
-TEST_F(ChatGoldens, Qwen25Instruct) { EXPECT_EQ(check_template("qwen2_5_instruct.jinja"), 16); }
-TEST_F(ChatGoldens, Qwen3) { EXPECT_EQ(check_template("qwen3.jinja"), 20); }
+TEST_F(ChatGoldens, Qwen25Instruct) { EXPECT_EQ(check_template("qwen2_5_instruct.jinja"), 24); }
+TEST_F(ChatGoldens, Qwen3) { EXPECT_EQ(check_template("qwen3.jinja"), 28); }
 TEST_F(ChatGoldens, EngineFeatures) { EXPECT_EQ(check_template("engine_features.jinja"), 16); }
 
 // The error a template raises at load or render time.
