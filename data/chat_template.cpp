@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cmath>
 #include <cstdio>
@@ -309,7 +310,8 @@ void check_defined(const Value& v, int line) {
   if (v.is_undef()) fail(line, undefined_message(v));
 }
 
-Value from_json(const nlohmann::ordered_json& j) {
+Value from_json(const nlohmann::ordered_json& j, int depth = 0) {
+  if (depth > 256) fail(0, "the template's data nests more than 256 levels deep");
   switch (j.type()) {
     case nlohmann::ordered_json::value_t::null: return Value::none();
     case nlohmann::ordered_json::value_t::boolean: return Value::boolean(j.get<bool>());
@@ -324,13 +326,13 @@ Value from_json(const nlohmann::ordered_json& j) {
     case nlohmann::ordered_json::value_t::array: {
       List l;
       l.reserve(j.size());
-      for (const auto& e : j) l.push_back(from_json(e));
+      for (const auto& e : j) l.push_back(from_json(e, depth + 1));
       return Value::list(std::move(l));
     }
     case nlohmann::ordered_json::value_t::object: {
       auto d = std::make_shared<Dict>();
       d->items.reserve(j.size());
-      for (auto it = j.begin(); it != j.end(); ++it) d->items.emplace_back(it.key(), from_json(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) d->items.emplace_back(it.key(), from_json(it.value(), depth + 1));
       return Value::dict(d);
     }
     default: return Value::none();
@@ -920,6 +922,7 @@ struct Context {
   std::time_t now = 0;
   bool fixed_now = false;
   int depth = 0;  // macro recursion guard
+  int64_t iterations = 0;  // loop iterations of this render (bounded by kMaxIterations)
 };
 
 Stmt::Flow exec_body(const Body& body, Context& ctx) {
@@ -1899,6 +1902,29 @@ struct TestExpr : Expr {
   }
 };
 
+// Python integers are unbounded; this engine's are 64-bit and refuse to wrap.
+[[noreturn]] void overflow(int line) { fail(line, "integer overflow (this engine's integers are 64-bit)"); }
+int64_t add_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+int64_t sub_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_sub_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+int64_t mul_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+
+// Bound on what one template may build (repeated strings and lists, loop iterations),
+// so a hostile template fails instead of exhausting memory or time.
+constexpr int64_t kMaxBuild = int64_t(1) << 28;
+constexpr int64_t kMaxIterations = 10000000;
+
 int64_t floor_div(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -1911,7 +1937,9 @@ int64_t floor_div(int64_t a, int64_t b) {
   fail(line, std::string("unsupported operand type(s) for ") + op + ": '" + type_name(a) + "' and '" + type_name(b) + "'");
 }
 
-Value repeat(const Value& seq, int64_t n) {
+Value repeat(const Value& seq, int64_t n, int line) {
+  const int64_t unit = seq.t == Value::kStr ? int64_t(seq.sv().size()) : int64_t(seq.l->size());
+  if (n > 0 && unit > 0 && n > kMaxBuild / unit) fail(line, "repetition too large");
   if (seq.t == Value::kStr) {
     std::string out;
     for (int64_t k = 0; k < n; ++k) out += seq.sv();
@@ -1926,10 +1954,11 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
   if (op == "~") return Value::str(to_str(a) + to_str(b));
   const bool nums = a.is_number() && b.is_number(), ints = a.is_intlike() && b.is_intlike();
   if (op == "+") {
-    if (ints) return Value::integer(a.as_int() + b.as_int());
+    if (ints) return Value::integer(add_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() + b.as_double());
     if (a.t == Value::kStr && b.t == Value::kStr) return Value::str(a.sv() + b.sv());
     if (a.t == Value::kList && b.t == Value::kList && a.tuple == b.tuple) {
+      if (int64_t(a.l->size() + b.l->size()) > kMaxBuild) fail(line, "list too large");
       List l = *a.l;
       l.insert(l.end(), b.l->begin(), b.l->end());
       return Value::list(std::move(l), a.tuple);
@@ -1939,15 +1968,15 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
     type_error("+", a, b, line);
   }
   if (op == "-") {
-    if (ints) return Value::integer(a.as_int() - b.as_int());
+    if (ints) return Value::integer(sub_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() - b.as_double());
     type_error("-", a, b, line);
   }
   if (op == "*") {
-    if (ints) return Value::integer(a.as_int() * b.as_int());
+    if (ints) return Value::integer(mul_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() * b.as_double());
-    if ((a.t == Value::kStr || a.t == Value::kList) && b.is_intlike()) return repeat(a, b.as_int());
-    if ((b.t == Value::kStr || b.t == Value::kList) && a.is_intlike()) return repeat(b, a.as_int());
+    if ((a.t == Value::kStr || a.t == Value::kList) && b.is_intlike()) return repeat(a, b.as_int(), line);
+    if ((b.t == Value::kStr || b.t == Value::kList) && a.is_intlike()) return repeat(b, a.as_int(), line);
     type_error("*", a, b, line);
   }
   if (op == "/") {
@@ -1962,6 +1991,7 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
     }
     if (b.as_double() == 0) fail(line, op == "%" ? "modulo by zero" : "integer division or modulo by zero");
     if (ints) {
+      if (a.as_int() == INT64_MIN && b.as_int() == -1) overflow(line);
       int64_t q = floor_div(a.as_int(), b.as_int());
       return Value::integer(op == "//" ? q : a.as_int() - q * b.as_int());
     }
@@ -1975,9 +2005,13 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
   if (op == "**") {
     if (!nums) type_error("**", a, b, line);
     if (ints && b.as_int() >= 0) {
-      int64_t r = 1, base = a.as_int();
-      for (int64_t k = 0; k < b.as_int(); ++k) r *= base;
-      return Value::integer(r);
+      int64_t acc = 1, base = a.as_int(), e = b.as_int();
+      while (e > 0) {  // square and multiply, refusing to wrap
+        if (e & 1) acc = mul_checked(acc, base, line);
+        e >>= 1;
+        if (e) base = mul_checked(base, base, line);
+      }
+      return Value::integer(acc);
     }
     return Value::real(std::pow(a.as_double(), b.as_double()));
   }
@@ -2010,7 +2044,10 @@ struct UnaryExpr : Expr {
   Value eval(Context& ctx) const override {
     Value v = e->eval(ctx);
     if (op == '!') return Value::boolean(!truthy(v));
-    if (v.is_intlike()) return Value::integer(op == '-' ? -v.as_int() : v.as_int());
+    if (v.is_intlike()) {
+      if (op == '-' && v.as_int() == INT64_MIN) overflow(line);
+      return Value::integer(op == '-' ? -v.as_int() : v.as_int());
+    }
     if (v.t == Value::kFloat) return Value::real(op == '-' ? -v.f : v.f);
     check_defined(v, line);
     fail(line, std::string("bad operand type for unary ") + op + ": '" + type_name(v) + "'");
@@ -2094,10 +2131,15 @@ struct DictExpr : Expr {
 // ---------------------------------------------------------------------------
 // Statements
 
+void check_output_size(const Context& ctx, int line) {
+  if (int64_t(ctx.out->size()) > kMaxBuild) fail(line, "the rendering grows beyond 256 MiB");
+}
+
 struct OutputStmt : Stmt {
   std::string text;
   Flow exec(Context& ctx) const override {
     *ctx.out += text;
+    check_output_size(ctx, line);
     return kNormal;
   }
 };
@@ -2108,6 +2150,7 @@ struct PrintStmt : Stmt {
     Value v = e->eval(ctx);
     if (v.t == Value::kStr) *ctx.out += v.sv();
     else *ctx.out += to_str(v);
+    check_output_size(ctx, line);
     return kNormal;
   }
 };
@@ -2169,6 +2212,7 @@ struct ForStmt : Stmt {
     loop.loop = state;
     std::shared_ptr<Scope> outer = ctx.scope;
     for (size_t k = 0; k < items->size(); ++k) {
+      if (++ctx.iterations > kMaxIterations) fail(line, "the template runs too long (more than 10 million loop iterations)");
       state->index0 = int64_t(k);
       auto s = std::make_shared<Scope>();
       s->parent = outer;
@@ -2381,6 +2425,7 @@ class Parser {
   }
 
   StmtP parse_statement(const std::string& name, int line) {
+    DepthGuard guard(this, line);
     if (name == "if") return parse_if(line);
     if (name == "for") return parse_for(line);
     if (name == "set") return parse_set(line);
@@ -2706,6 +2751,7 @@ class Parser {
 
   ExprP parse_unary(bool with_filter) {
     const int line = cur().line;
+    DepthGuard guard(this, line);
     ExprP n;
     if (is_op("-") || is_op("+")) {
       char op = cur().text[0];
@@ -2925,9 +2971,20 @@ class Parser {
     }
   }
 
+  // Recursion bound of the parser: a hostile template fails instead of overflowing
+  // the stack (real templates nest a few dozen levels).
+  struct DepthGuard {
+    Parser* p;
+    DepthGuard(Parser* parser, int line) : p(parser) {
+      if (++p->nesting_ > 400) fail(line, "the template nests too deeply");
+    }
+    ~DepthGuard() { --p->nesting_; }
+  };
+
   std::vector<Token> t_;
   size_t p_ = 0;
   int loop_depth_ = 0;
+  int nesting_ = 0;
 };
 
 // ---------------------------------------------------------------------------
