@@ -523,9 +523,10 @@ int64_t length_of(const Value& v, int line) {
 }
 
 // json.dumps(x, ensure_ascii=False, indent=indent, separators=None, sort_keys=sort_keys)
-void json_escape(std::string& out, const std::string& s) {
-  out += '"';
-  for (unsigned char c : s) {
+// json.dumps's string escaping; ensure_ascii writes non-ASCII as \uXXXX (UTF-16
+// surrogate pairs above U+FFFF), as Python does.
+void json_escape(std::string& out, const std::string& s, bool ensure_ascii = false) {
+  auto ascii_char = [&](unsigned char c) {
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -543,16 +544,43 @@ void json_escape(std::string& out, const std::string& s) {
           out += char(c);
         }
     }
+  };
+  out += '"';
+  if (!ensure_ascii || is_ascii(s)) {
+    for (unsigned char c : s) {
+      if (c >= 0x80) out += char(c);  // UTF-8 bytes pass through (ensure_ascii=False)
+      else ascii_char(c);
+    }
+  } else {
+    for (char32_t c : utf8_decode(s)) {
+      char buf[16];
+      if (c < 0x80) {
+        ascii_char(static_cast<unsigned char>(c));
+      } else if (c < 0x10000) {
+        std::snprintf(buf, sizeof buf, "\\u%04x", unsigned(c));
+        out += buf;
+      } else {
+        const unsigned v = unsigned(c) - 0x10000;
+        std::snprintf(buf, sizeof buf, "\\u%04x\\u%04x", 0xd800 + (v >> 10), 0xdc00 + (v & 0x3ff));
+        out += buf;
+      }
+    }
   }
   out += '"';
 }
 
-void to_json(std::string& out, const Value& v, const std::string* indent, bool sort_keys, int depth, int line) {
+// Layout of json.dumps: separators (item, key) and indent.
+struct JsonStyle {
+  const std::string* indent = nullptr;
+  std::string item_sep = ", ", key_sep = ": ";
+  bool sort_keys = false, ensure_ascii = false;
+};
+
+void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth, int line) {
   auto newline = [&](int d) {
     out += '\n';
-    for (int k = 0; k < d; ++k) out += *indent;
+    for (int k = 0; k < d; ++k) out += *st.indent;
   };
-  const char* item_sep = indent ? "," : ", ";
   switch (v.t) {
     case Value::kNone: out += "null"; return;
     case Value::kBool: out += v.b ? "true" : "false"; return;
@@ -562,7 +590,7 @@ void to_json(std::string& out, const Value& v, const std::string* indent, bool s
       else if (std::isinf(v.f)) out += v.f < 0 ? "-Infinity" : "Infinity";
       else out += py_float_repr(v.f);
       return;
-    case Value::kStr: json_escape(out, v.sv()); return;
+    case Value::kStr: json_escape(out, v.sv(), st.ensure_ascii); return;
     case Value::kList: {
       if (v.l->empty()) {
         out += "[]";
@@ -570,11 +598,11 @@ void to_json(std::string& out, const Value& v, const std::string* indent, bool s
       }
       out += '[';
       for (size_t k = 0; k < v.l->size(); ++k) {
-        if (k) out += item_sep;
-        if (indent) newline(depth + 1);
-        to_json(out, (*v.l)[k], indent, sort_keys, depth + 1, line);
+        if (k) out += st.item_sep;
+        if (st.indent) newline(depth + 1);
+        to_json(out, (*v.l)[k], st, depth + 1, line);
       }
-      if (indent) newline(depth);
+      if (st.indent) newline(depth);
       out += ']';
       return;
     }
@@ -585,19 +613,19 @@ void to_json(std::string& out, const Value& v, const std::string* indent, bool s
       }
       std::vector<const std::pair<std::string, Value>*> kvs;
       for (const auto& kv : v.d->items) kvs.push_back(&kv);
-      if (sort_keys)
+      if (st.sort_keys)
         std::sort(kvs.begin(), kvs.end(), [](auto* a, auto* b) { return a->first < b->first; });
       out += '{';
       bool first = true;
       for (auto* kv : kvs) {
-        if (!first) out += item_sep;
+        if (!first) out += st.item_sep;
         first = false;
-        if (indent) newline(depth + 1);
-        json_escape(out, kv->first);
-        out += ": ";
-        to_json(out, kv->second, indent, sort_keys, depth + 1, line);
+        if (st.indent) newline(depth + 1);
+        json_escape(out, kv->first, st.ensure_ascii);
+        out += st.key_sep;
+        to_json(out, kv->second, st, depth + 1, line);
       }
-      if (indent) newline(depth);
+      if (st.indent) newline(depth);
       out += '}';
       return;
     }
@@ -1595,22 +1623,30 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
   }
   if (name == "tojson") {
     Params p("tojson", {"ensure_ascii", "indent", "separators", "sort_keys"}, a, line);
-    if (truthy(p.get_or(0, Value::boolean(false)))) fail(line, "tojson(ensure_ascii=True) is not supported by this engine");
-    if (p.has(2) && p.get_or(2, Value::none()).t != Value::kNone) fail(line, "tojson(separators=...) is not supported by this engine");
+    JsonStyle st;
+    st.ensure_ascii = truthy(p.get_or(0, Value::boolean(false)));
+    st.sort_keys = truthy(p.get_or(3, Value::boolean(false)));
     Value ind = p.get_or(1, Value::none());
     std::string indent_str;
-    const std::string* indent = nullptr;
     if (ind.t == Value::kStr) {
       indent_str = ind.sv();
-      indent = &indent_str;
+      st.indent = &indent_str;
     } else if (ind.is_intlike()) {
       indent_str = std::string(size_t(std::max<int64_t>(0, ind.as_int())), ' ');
-      indent = &indent_str;
+      st.indent = &indent_str;
     } else if (ind.t != Value::kNone) {
       fail(line, "tojson indent must be an integer or a string");
     }
+    if (st.indent) st.item_sep = ",";  // json.dumps's default separators with an indent
+    Value seps = p.get_or(2, Value::none());
+    if (seps.t != Value::kNone) {
+      if (seps.t != Value::kList || seps.l->size() != 2 || (*seps.l)[0].t != Value::kStr || (*seps.l)[1].t != Value::kStr)
+        fail(line, "tojson separators must be a pair of strings, e.g. (',', ':')");
+      st.item_sep = (*seps.l)[0].sv();
+      st.key_sep = (*seps.l)[1].sv();
+    }
     std::string out;
-    to_json(out, v, indent, truthy(p.get_or(3, Value::boolean(false))), 0, line);
+    to_json(out, v, st, 0, line);
     return Value::str(out);
   }
   if (name == "string") return Value::str(to_str(v));
