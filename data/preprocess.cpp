@@ -54,7 +54,7 @@ InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t ma
   return InvalidReason::kNone;
 }
 
-InvalidReason tokenize_triple(const Tokenizer& tok, const RawTriple& raw, int64_t max_length,
+InvalidReason tokenize_triple(const TextTokenizer& tok, const RawTriple& raw, int64_t max_length,
                               int64_t max_prompt_length, TokenizedTriple* out, int64_t* encoded_tokens) {
   if (raw.templated) {
     tok.encode(raw.prompt, &out->prompt);
@@ -64,18 +64,22 @@ InvalidReason tokenize_triple(const Tokenizer& tok, const RawTriple& raw, int64_
     const bool starts_with_bos = tok.bos_id() >= 0 && !out->prompt.empty() && out->prompt[0] == tok.bos_id();
     return truncate_triple(out, max_length, max_prompt_length, starts_with_bos);
   }
-  // Encode straight after the bos slot to avoid a shift of the whole prompt.
   static thread_local std::vector<int32_t> ids;
-  tok.encode(raw.prompt, &ids);
-  out->prompt.resize(ids.size() + 1);
-  out->prompt[0] = tok.bos_id();
-  std::copy(ids.begin(), ids.end(), out->prompt.begin() + 1);
+  const bool bos = tok.bos_id() >= 0;
+  if (bos) {
+    tok.encode(raw.prompt, &ids);
+    out->prompt.resize(ids.size() + 1);
+    out->prompt[0] = tok.bos_id();
+    std::copy(ids.begin(), ids.end(), out->prompt.begin() + 1);
+  } else {
+    tok.encode(raw.prompt, &out->prompt);
+  }
   tok.encode(raw.chosen, &out->chosen);
   out->chosen.push_back(tok.eos_id());
   tok.encode(raw.rejected, &out->rejected);
   out->rejected.push_back(tok.eos_id());
   if (encoded_tokens) *encoded_tokens = int64_t(out->prompt.size() + out->chosen.size() + out->rejected.size());
-  return truncate_triple(out, max_length, max_prompt_length);
+  return truncate_triple(out, max_length, max_prompt_length, bos);
 }
 
 // ---------------------------------------------------------------------------
@@ -361,20 +365,21 @@ RowKind file_row_kind(const std::string& path, InputFormat format, int64_t* line
 
 }  // namespace
 
-PreferenceAttrs preprocess_attrs(const Tokenizer& tok, const PreprocessOptions& opts) {
+PreferenceAttrs preprocess_attrs(const TextTokenizer& tok, const PreprocessOptions& opts) {
   PreferenceAttrs a;
   a.vocab_size = tok.vocab_size();
   a.bos_id = tok.bos_id();
   a.eos_id = tok.eos_id();
   a.pad_id = tok.pad_id();
   a.tokenizer_sha256 = tok.sha256();
+  a.tokenizer_type = tokenizer_type_name(tok.kind());
   a.max_length = opts.max_length;
   a.max_prompt_length = opts.max_prompt_length;
   a.source = opts.inputs;
   return a;
 }
 
-void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
+void preprocess_range(const TextTokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
                       int64_t begin, int64_t end, PreferenceWriter* out, PreprocessStats* stats,
                       const ProgressFn& progress, const WarnFn& warn) {
   validate_limits(opts.max_length, opts.max_prompt_length);

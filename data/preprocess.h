@@ -13,7 +13,7 @@
 #include "data/chat_template.h"
 #include "data/preference_h5.h"
 #include "data/sources.h"
-#include "data/tokenizer.h"
+#include "data/text_tokenizer.h"
 
 namespace dpo {
 
@@ -51,13 +51,14 @@ struct TokenizedTriple {
 InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t max_prompt_length,
                               bool keep_first = true);
 
-/// Text rows: prompt = [bos] + encode(prompt), answers = encode(answer) + [eos].
+/// Text rows: prompt = [bos if the tokenizer has one] + encode(prompt), answers =
+/// encode(answer) + [eos], then truncate_triple (keep_first when bos was added).
 /// Rows rendered by a chat template (raw.templated): prompt = encode(prompt), answers =
 /// encode(answer), nothing added (the template wrote the special tokens), and the
 /// prompt's first token survives a keep_end cut only if it is bos.
-/// Then truncate_triple. `encoded_tokens` (optional) gets the token count before
-/// truncation (bos and eos included).
-InvalidReason tokenize_triple(const Tokenizer& tok, const RawTriple& raw, int64_t max_length,
+/// `encoded_tokens` (optional) gets the token count before truncation (bos and eos
+/// included).
+InvalidReason tokenize_triple(const TextTokenizer& tok, const RawTriple& raw, int64_t max_length,
                               int64_t max_prompt_length, TokenizedTriple* out, int64_t* encoded_tokens = nullptr);
 
 /// Counters of one run (or one rank's share; merge() adds them up). Length
@@ -120,11 +121,11 @@ using WarnFn = std::function<void(const std::string& message)>;
 /// inputs (sizes from input_sizes()), appending valid examples to `out` in input
 /// order and counting into `stats`. Without
 /// opts.skip_invalid the first invalid line throws InvalidLineError.
-void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
+void preprocess_range(const TextTokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
                       int64_t begin, int64_t end, PreferenceWriter* out, PreprocessStats* stats,
                       const ProgressFn& progress = {}, const WarnFn& warn = {});
 
 /// The root attributes a run writes (num_examples is set by the writer).
-PreferenceAttrs preprocess_attrs(const Tokenizer& tok, const PreprocessOptions& opts);
+PreferenceAttrs preprocess_attrs(const TextTokenizer& tok, const PreprocessOptions& opts);
 
 }  // namespace dpo
