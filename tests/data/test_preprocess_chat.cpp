@@ -17,6 +17,7 @@
 #include "data/preference_h5.h"
 #include "data/preprocess.h"
 #include "data/sources.h"
+#include "data/tokenizer.h"
 #include "tests/test_util.h"
 
 namespace dpo {
