@@ -298,8 +298,10 @@ TEST(ChatTemplateSourceTest, LookupOrder) {
 TEST_F(ChatPreprocess, ToolReadsTheModelDirectory) {
   TempDir model("dpo_chat_model");
   ASSERT_EQ(testutil::run_command("cp " + model_ + " " + model.file("tokenizer.model")), 0);
-  json cfg = {{"bos_token", {{"content", "<|begin_of_text|>"}, {"lstrip", false}}},
-              {"eos_token", "<|eot_id|>"},
+  // The special tokens must be the tokenizer's own (the test model's <s> and </s>): the
+  // Llama 3.1 template writes bos_token, which the tokenizer then turns into bos.
+  json cfg = {{"bos_token", {{"content", "<s>"}, {"lstrip", false}}},
+              {"eos_token", "</s>"},
               {"chat_template", testutil::read_file(kFixtures + "llama3_1_instruct.jinja")}};
   testutil::write_file(model.file("tokenizer_config.json"), cfg.dump());
   const std::string in = write("in.jsonl", json{{"chosen", case_messages("pp_mt_chosen")},
@@ -315,10 +317,19 @@ TEST_F(ChatPreprocess, ToolReadsTheModelDirectory) {
       << o;
   PreferenceReader r(out);
   ASSERT_EQ(r.size(), 1);
-  const std::string p = golden("llama3_1_instruct.jinja", "multi_turn", true);
-  const std::string c = golden("llama3_1_instruct.jinja", "pp_mt_chosen", false);
+  // jinja2 rendered the goldens with bos_token "<|begin_of_text|>"; here it is "<s>".
+  auto with_s = [](std::string t) {
+    const std::string b = "<|begin_of_text|>";
+    for (size_t i; (i = t.find(b)) != std::string::npos;) t.replace(i, b.size(), "<s>");
+    return t;
+  };
+  const std::string p = with_s(golden("llama3_1_instruct.jinja", "multi_turn", true));
+  const std::string c = with_s(golden("llama3_1_instruct.jinja", "pp_mt_chosen", false));
+  ASSERT_EQ(p.rfind("<s>", 0), 0u);
   auto e = r.get(0);
-  EXPECT_EQ(e.prompt, enc(p));
+  Ids want = {1};  // "<s>" written by the template is the bos id, the rest plain text
+  for (int id : enc(p.substr(3))) want.push_back(id);
+  EXPECT_EQ(e.prompt, want);
   EXPECT_EQ(e.chosen, enc(c.substr(p.size())));
   // --chat_template wins over the directory's; a broken template names its file and line.
   testutil::write_file(tmp_.file("broken.jinja"), "{{ messages }}\n{{ x | nosuchfilter }}");
