@@ -178,6 +178,10 @@ struct Value {
   enum Type : uint8_t { kUndef, kNone, kBool, kInt, kFloat, kStr, kList, kDict, kNamespace, kFunc, kLoop };
   Type t = kUndef;
   bool tuple = false;  // a list made by (a, b): repr only
+  // A generator (what jinja2's map/select/reject/selectattr/rejectattr/unique/items
+  // filters return): single use (*gen = items consumed so far), always true, no len(),
+  // no indexing, not printable.
+  std::shared_ptr<size_t> gen;
   bool b = false;
   int64_t i = 0;
   double f = 0;
@@ -226,6 +230,11 @@ struct Value {
     v.t = kList;
     v.tuple = tuple;
     v.l = std::make_shared<List>(std::move(x));
+    return v;
+  }
+  static Value generator(List x) {
+    Value v = list(std::move(x));
+    v.gen = std::make_shared<size_t>(0);
     return v;
   }
   static Value dict(std::shared_ptr<Dict> d);
@@ -291,7 +300,7 @@ const char* type_name(const Value& v) {
     case Value::kInt: return "int";
     case Value::kFloat: return "float";
     case Value::kStr: return "str";
-    case Value::kList: return v.tuple ? "tuple" : "list";
+    case Value::kList: return v.gen ? "generator" : v.tuple ? "tuple" : "list";
     case Value::kDict: return "dict";
     case Value::kNamespace: return "Namespace";
     case Value::kFunc: return "function";
@@ -391,6 +400,7 @@ std::string to_str(const Value& v) {
     case Value::kFloat: return py_float_repr(v.f);
     case Value::kStr: return v.sv();
     case Value::kList: {
+      if (v.gen) return "<generator object>";
       std::string out = v.tuple ? "(" : "[";
       for (size_t k = 0; k < v.l->size(); ++k) {
         if (k) out += ", ";
@@ -425,7 +435,7 @@ bool truthy(const Value& v) {
     case Value::kInt: return v.i != 0;
     case Value::kFloat: return v.f != 0;
     case Value::kStr: return !v.s->empty();
-    case Value::kList: return !v.l->empty();
+    case Value::kList: return v.gen || !v.l->empty();
     case Value::kDict: return !v.d->items.empty();
     default: return true;
   }
@@ -442,6 +452,7 @@ bool equals(const Value& a, const Value& b) {
     case Value::kNone: return true;
     case Value::kStr: return a.sv() == b.sv();
     case Value::kList: {
+      if (a.gen || b.gen) return a.l == b.l;
       if (a.tuple != b.tuple || a.l->size() != b.l->size()) return false;
       for (size_t k = 0; k < a.l->size(); ++k)
         if (!equals((*a.l)[k], (*b.l)[k])) return false;
@@ -492,7 +503,13 @@ int compare_order(const Value& a, const Value& b, int line, const char* op) {
 std::shared_ptr<List> iterate(const Value& v, int line) {
   switch (v.t) {
     case Value::kUndef: return std::make_shared<List>();
-    case Value::kList: return v.l;
+    case Value::kList:
+      if (v.gen) {  // consumes what is left
+        auto rest = std::make_shared<List>(v.l->begin() + std::min(*v.gen, v.l->size()), v.l->end());
+        *v.gen = v.l->size();
+        return rest;
+      }
+      return v.l;
     case Value::kDict: {
       auto l = std::make_shared<List>();
       for (const auto& kv : v.d->items) l->push_back(Value::str(kv.first));
@@ -512,11 +529,22 @@ std::shared_ptr<List> iterate(const Value& v, int line) {
   }
 }
 
+// For range-for: keeps the (possibly fresh) list alive for the loop, which
+// `for (x : *iterate(v))` would not (the shared_ptr temporary dies before the loop).
+struct Items {
+  std::shared_ptr<List> p;
+  List::const_iterator begin() const { return p->cbegin(); }
+  List::const_iterator end() const { return p->cend(); }
+};
+Items items_of(const Value& v, int line) { return Items{iterate(v, line)}; }
+
 int64_t length_of(const Value& v, int line) {
   switch (v.t) {
     case Value::kUndef: return 0;
     case Value::kStr: return py_len(v.sv());
-    case Value::kList: return int64_t(v.l->size());
+    case Value::kList:
+      if (v.gen) fail(line, "object of type 'generator' has no len() (add | list before | length)");
+      return int64_t(v.l->size());
     case Value::kDict: return int64_t(v.d->items.size());
     default: fail(line, std::string("object of type '") + type_name(v) + "' has no len()");
   }
@@ -592,6 +620,7 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth, i
       return;
     case Value::kStr: json_escape(out, v.sv(), st.ensure_ascii); return;
     case Value::kList: {
+      if (v.gen) fail(line, "tojson: Object of type generator is not JSON serializable (add | list)");
       if (v.l->empty()) {
         out += "[]";
         return;
@@ -1060,6 +1089,7 @@ bool normalize_index(int64_t* k, int64_t n) {
 
 Value get_item(const Value& obj, const Value& key, int line) {
   if (obj.is_undef()) fail(line, undefined_message(obj));
+  if (obj.gen) fail(line, "'generator' object is not subscriptable (add | list)");
   if (key.t == Value::kStr && obj.t != Value::kDict) return get_attr(obj, key.sv(), line);
   switch (obj.t) {
     case Value::kDict:
@@ -1122,6 +1152,7 @@ std::vector<int64_t> slice_positions(int64_t n, const Value& a, const Value& b, 
 
 Value do_slice(const Value& obj, const Value& a, const Value& b, const Value& c, int line) {
   if (obj.is_undef()) fail(line, undefined_message(obj));
+  if (obj.gen) fail(line, "'generator' object is not subscriptable (add | list)");
   if (obj.t == Value::kList) {
     List out;
     for (int64_t k : slice_positions(int64_t(obj.l->size()), a, b, c, line)) out.push_back((*obj.l)[k]);
@@ -1385,7 +1416,7 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
     if (a.pos.empty()) fail(line, "str.join() takes 1 argument");
     std::string out;
     bool first = true;
-    for (const auto& v : *iterate(a.pos[0], line)) {
+    for (const auto& v : items_of(a.pos[0], line)) {
       if (!first) out += s;
       first = false;
       out += need_str(v, "str.join() item", line);
@@ -1496,7 +1527,7 @@ bool apply_test(const std::string& name, const Value& v, const std::vector<Value
   if (name == "false") return v.t == Value::kBool && !v.b;
   if (name == "mapping") return v.t == Value::kDict;
   if (name == "iterable") return v.t == Value::kUndef || v.t == Value::kStr || v.t == Value::kList || v.t == Value::kDict;
-  if (name == "sequence") return v.t == Value::kStr || v.t == Value::kList || v.t == Value::kDict;
+  if (name == "sequence") return v.t == Value::kStr || (v.t == Value::kList && !v.gen) || v.t == Value::kDict;
   if (name == "callable") return v.t == Value::kFunc;
   if (name == "equalto" || name == "eq" || name == "==") return equals(v, arg(0));
   if (name == "ne" || name == "!=") return !equals(v, arg(0));
@@ -1532,7 +1563,7 @@ bool apply_test(const std::string& name, const Value& v, const std::vector<Value
     const Value& c = arg(0);
     if (c.t == Value::kStr) return v.t == Value::kStr && c.sv().find(v.sv()) != std::string::npos;
     if (c.t == Value::kDict) return v.t == Value::kStr && c.d->find(v.sv()) != nullptr;
-    for (const auto& x : *iterate(c, line))
+    for (const auto& x : items_of(c, line))
       if (equals(x, v)) return true;
     return false;
   }
@@ -1584,12 +1615,12 @@ Value select_like(const std::string& name, const Value& v, CallArgs& a, Context&
   }
   std::vector<Value> targs(a.pos.begin() + std::min(k, a.pos.size()), a.pos.end());
   List out;
-  for (const auto& item : *iterate(v, line)) {
+  for (const auto& item : items_of(v, line)) {
     Value x = attr ? attr_path(item, path, line) : item;
     bool ok = test.empty() ? truthy(x) : apply_test(test, x, targs, line);
     if (ok == want) out.push_back(item);
   }
-  return Value::list(std::move(out));
+  return Value::generator(std::move(out));
 }
 
 std::string html_escape(const std::string& s) {
@@ -1649,11 +1680,33 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     to_json(out, v, st, 0, line);
     return Value::str(out);
   }
-  if (name == "string") return Value::str(to_str(v));
+  if (name == "string") {
+    if (v.gen) fail(line, "string of a generator is not supported: jinja2 gives its memory address; add | list");
+    return Value::str(to_str(v));
+  }
   if (name == "safe") return v;
   if (name == "e" || name == "escape") return Value::str(html_escape(to_str(v)));
-  if (name == "lower" || name == "upper" || name == "title" || name == "capitalize") {
-    int mode = name == "lower" ? 0 : name == "upper" ? 1 : name == "title" ? 2 : 3;
+  if (name == "title") {
+    // jinja2's do_title: chunks split after runs of [-\s({[<], first character upper,
+    // the rest lower (not str.title(): "['abc']" stays "['abc']").
+    const std::string text = to_str(v);
+    std::string out;
+    bool chunk_start = true;
+    for (char c : text) {
+      const bool sep = c == '-' || c == '(' || c == '{' || c == '[' || c == '<' || py_isspace(char32_t(static_cast<unsigned char>(c)));
+      if (sep) {
+        out += c;
+        chunk_start = true;
+        continue;
+      }
+      out += ascii_case(std::string(1, c), chunk_start ? 1 : 0, "title", line);
+      chunk_start = false;
+    }
+    if (!is_ascii(text)) ascii_case(text, 2, "title", line);  // refuses non-ASCII letters
+    return Value::str(out);
+  }
+  if (name == "lower" || name == "upper" || name == "capitalize") {
+    int mode = name == "lower" ? 0 : name == "upper" ? 1 : 3;
     return Value::str(ascii_case(to_str(v), mode, name.c_str(), line));
   }
   if (name == "replace") {
@@ -1670,14 +1723,19 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     if (v.is_undef()) return Value::list();
     if (v.t != Value::kDict) fail(line, "items filter needs a mapping, got '" + std::string(type_name(v)) + "'");
     CallArgs none;
-    return call_method(v, "items", none, ctx, line);
+    return Value::generator(*call_method(v, "items", none, ctx, line).l);
   }
   if (name == "list") return Value::list(*iterate(v, line));
   if (name == "first") {
+    if (v.gen) {  // next(iter(generator)): consumes one item
+      if (*v.gen >= v.l->size()) return Value::undef("No first item, sequence was empty.");
+      return (*v.l)[(*v.gen)++];
+    }
     auto items = iterate(v, line);
     return items->empty() ? Value::undef("No first item, sequence was empty.") : items->front();
   }
   if (name == "last") {
+    if (v.gen) fail(line, "'generator' object is not reversible (add | list before | last)");
     if (v.t != Value::kList && v.t != Value::kStr) check_defined(v, line);
     auto items = iterate(v, line);
     return items->empty() ? Value::undef("No last item, sequence was empty.") : items->back();
@@ -1698,7 +1756,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     Value attr = p.get_or(1, Value::none());
     std::string out;
     bool first = true;
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       if (!first) out += sep;
       first = false;
       out += to_str(attr.t == Value::kNone ? item : attr_path(item, to_str(attr), line));
@@ -1716,26 +1774,27 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
       else fail(line, "map() got an unexpected keyword argument '" + kv.first + "'");
     }
     if (has_attr) {
-      for (const auto& item : *iterate(v, line)) {
+      for (const auto& item : items_of(v, line)) {
         Value x = attr_path(item, attr, line);
         out.push_back(x.is_undef() && !dflt.is_undef() ? dflt : x);
       }
-      return Value::list(std::move(out));
+      return Value::generator(std::move(out));
     }
     if (a.pos.empty()) fail(line, "map() needs a filter name or attribute=");
     const std::string f = need_str(a.pos[0], "map filter name", line);
     if (!known_filters().count(f)) fail(line, "unsupported filter '" + f + "'");
     CallArgs rest;
     rest.pos.assign(a.pos.begin() + 1, a.pos.end());
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       CallArgs copy = rest;
       out.push_back(apply_filter(f, item, copy, ctx, line));
     }
-    return Value::list(std::move(out));
+    return Value::generator(std::move(out));
   }
   if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr")
     return select_like(name, v, a, ctx, line);
   if (name == "int") {
+    check_defined(v, line);  // Undefined.__int__ raises in jinja2
     Params p("int", {"default", "base"}, a, line);
     Value dflt = p.get_or(0, Value::integer(0));
     if (v.is_intlike()) return Value::integer(v.as_int());
@@ -1751,6 +1810,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     return dflt;
   }
   if (name == "float") {
+    check_defined(v, line);
     Params p("float", {"default"}, a, line);
     if (v.is_number()) return Value::real(v.as_double());
     if (v.t == Value::kStr) {
@@ -1789,7 +1849,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
           out.push_back(it);
         }
       }
-      return Value::list(std::move(out));
+      return Value::generator(std::move(out));
     }
     if (name == "min" || name == "max") {
       if (items.empty()) return Value::undef("No aggregated item, sequence was empty.");
@@ -1810,7 +1870,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     Params p("sum", {"attribute", "start"}, a, line);
     Value attr = p.get_or(0, Value::none());
     Value acc = p.get_or(1, Value::integer(0));
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       Value x = attr.t == Value::kNone ? item : attr_path(item, to_str(attr), line);
       if (!x.is_number() || !acc.is_number()) fail(line, "sum() of non-numbers is not supported by this engine");
       if (x.is_intlike() && acc.is_intlike()) acc = Value::integer(acc.as_int() + x.as_int());
@@ -1987,7 +2047,11 @@ Value repeat(const Value& seq, int64_t n, int line) {
 }
 
 Value binary_op(const std::string& op, const Value& a, const Value& b, int line) {
-  if (op == "~") return Value::str(to_str(a) + to_str(b));
+  if (op == "~") {
+    if (a.gen || b.gen) fail(line, "'~' of a generator is not supported: jinja2 prints its memory address; add | list");
+    return Value::str(to_str(a) + to_str(b));
+  }
+  if (a.gen || b.gen) type_error(op.c_str(), a, b, line);
   const bool nums = a.is_number() && b.is_number(), ints = a.is_intlike() && b.is_intlike();
   if (op == "+") {
     if (ints) return Value::integer(add_checked(a.as_int(), b.as_int(), line));
@@ -2100,6 +2164,11 @@ bool contains(const Value& container, const Value& item, int line) {
       return container.sv().find(item.sv()) != std::string::npos;
     case Value::kDict: return item.t == Value::kStr && container.d->find(item.sv()) != nullptr;
     case Value::kList:
+      if (container.gen) {  // consumes up to the match, as Python's `in` on a generator
+        for (size_t& k = *container.gen; k < container.l->size();)
+          if (equals((*container.l)[k++], item)) return true;
+        return false;
+      }
       for (const auto& x : *container.l)
         if (equals(x, item)) return true;
       return false;
@@ -2184,6 +2253,9 @@ struct PrintStmt : Stmt {
   ExprP e;
   Flow exec(Context& ctx) const override {
     Value v = e->eval(ctx);
+    if (v.gen)
+      fail(line, "printing a generator (the result of map/select/reject/selectattr/rejectattr/unique/items) is not "
+                 "supported: jinja2 prints its memory address; add | list or | join");
     if (v.t == Value::kStr) *ctx.out += v.sv();
     else *ctx.out += to_str(v);
     check_output_size(ctx, line);

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <sentencepiece_processor.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -346,6 +347,137 @@ TEST_F(ChatPreprocess, ToolReadsTheModelDirectory) {
                                   &o),
             2);
   EXPECT_NE(o.find("--chat_template_kwargs must be a JSON object"), std::string::npos) << o;
+}
+
+// A tiny byte-level tokenizer.json: ids 0..255 are the bytes (GPT-2's byte symbols, no
+// merges), then the given special tokens, matched in the text as Hugging Face does.
+json byte_level_tokenizer_json(const std::vector<std::string>& specials) {
+  json vocab = json::object();
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool keep = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+    const unsigned cp = keep ? unsigned(b) : 256u + unsigned(n++);
+    std::string sym;
+    if (cp < 0x80) {
+      sym += char(cp);
+    } else {
+      sym += char(0xC0 | (cp >> 6));
+      sym += char(0x80 | (cp & 0x3F));
+    }
+    vocab[sym] = b;
+  }
+  json added = json::array();
+  for (size_t k = 0; k < specials.size(); ++k) {
+    vocab[specials[k]] = 256 + int(k);
+    added.push_back(json{{"id", 256 + int(k)}, {"content", specials[k]}, {"single_word", false}, {"lstrip", false},
+                         {"rstrip", false}, {"normalized", false}, {"special", true}});
+  }
+  return json{
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         json::array({{{"type", "Split"},
+                       {"pattern", {{"Regex", R"( ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}}},
+                       {"behavior", "Isolated"},
+                       {"invert", false}},
+                      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}}},
+      {"post_processor", nullptr},
+      {"decoder", nullptr},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
+        {"ignore_merges", false}, {"vocab", vocab}, {"merges", json::array()}}}};
+}
+
+// The independent expectation for that tokenizer: special strings -> their ids, every
+// other byte -> its value.
+Ids encode_bytes_and_specials(const std::string& text, const std::vector<std::string>& specials) {
+  Ids ids;
+  for (size_t i = 0; i < text.size();) {
+    bool hit = false;
+    for (size_t k = 0; k < specials.size() && !hit; ++k)
+      if (text.compare(i, specials[k].size(), specials[k]) == 0) {
+        ids.push_back(256 + int32_t(k));
+        i += specials[k].size();
+        hit = true;
+      }
+    if (!hit) ids.push_back(static_cast<unsigned char>(text[i++]));
+  }
+  return ids;
+}
+
+// With a tokenizer.json, the template's special-token strings become their ids: the
+// prompt starts with exactly one bos (Llama 3.1's <|begin_of_text|> written by the
+// template), each answer ends with exactly one <|eot_id|>, and a keep_end cut keeps
+// that bos; Qwen 2.5 (no bos) keeps only the prompt's end.
+TEST_F(ChatPreprocess, TokenizerJsonSpecialTokensAndBos) {
+  struct Model {
+    const char* tmpl;
+    std::vector<std::string> specials;
+    json config;
+    int32_t bos, eot;
+  };
+  const Model models[] = {
+      {"llama3_1_instruct.jinja",
+       {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
+       json{{"bos_token", "<|begin_of_text|>"}, {"eos_token", "<|eot_id|>"}},
+       256, 259},
+      {"qwen2_5_instruct.jinja", {"<|im_start|>", "<|im_end|>"}, json{{"bos_token", nullptr}, {"eos_token", "<|im_end|>"}},
+       -1, 257}};
+  const std::string in = write("row.jsonl", json{{"prompt", json::array({msg("user", "Name a colour.")})},
+                                                 {"chosen", json::array({msg("assistant", "Blue, the colour of the sky.")})},
+                                                 {"rejected", json::array({msg("assistant", "Red.")})}}
+                                                    .dump() +
+                                                "\n");
+  for (const Model& m : models) {
+    SCOPED_TRACE(m.tmpl);
+    TempDir model("dpo_chat_hf");
+    testutil::write_file(model.file("tokenizer.json"), byte_level_tokenizer_json(m.specials).dump());
+    json cfg = m.config;
+    cfg["chat_template"] = testutil::read_file(kFixtures + m.tmpl);
+    testutil::write_file(model.file("tokenizer_config.json"), cfg.dump());
+    const std::string p = golden(m.tmpl, "pp_prompt", true);
+    const std::string c = golden(m.tmpl, "prompt_chosen", false);
+    const std::string j = golden(m.tmpl, "pp_rejected", false);
+    const Ids want_prompt = encode_bytes_and_specials(p, m.specials);
+    std::string o;
+    ASSERT_EQ(testutil::run_command(kTool + " --model_name_or_path " + model.path() + " --input " + in + " --output " +
+                                        tmp_.file("hf.h5") + " --progress off",
+                                    &o),
+              0)
+        << o;
+    {
+      PreferenceReader r(tmp_.file("hf.h5"));
+      ASSERT_EQ(r.size(), 1);
+      const PreferenceExample e = r.get(0);
+      EXPECT_EQ(e.prompt, want_prompt);
+      EXPECT_EQ(e.chosen, encode_bytes_and_specials(c.substr(p.size()), m.specials));
+      EXPECT_EQ(e.rejected, encode_bytes_and_specials(j.substr(p.size()), m.specials));
+      if (m.bos >= 0) {
+        EXPECT_EQ(e.prompt.front(), m.bos);
+        EXPECT_EQ(std::count(e.prompt.begin(), e.prompt.end(), m.bos), 1);  // the template's bos, none added
+      }
+      EXPECT_EQ(std::count(e.chosen.begin(), e.chosen.end(), m.eot), 1);  // the template's eot only, no eos added
+      EXPECT_EQ(r.attrs().bos_id, m.bos);
+    }
+    // keep_end cut of the prompt to 10 tokens: Llama keeps its bos in front.
+    ASSERT_EQ(testutil::run_command(kTool + " --model_name_or_path " + model.path() + " --input " + in + " --output " +
+                                        tmp_.file("hf_cut.h5") + " --max_prompt_length 10 --progress off",
+                                    &o),
+              0)
+        << o;
+    PreferenceReader r(tmp_.file("hf_cut.h5"));
+    Ids want;
+    if (m.bos >= 0) {
+      want = {m.bos};
+      want.insert(want.end(), want_prompt.end() - 9, want_prompt.end());
+    } else {
+      want.assign(want_prompt.end() - 10, want_prompt.end());
+    }
+    EXPECT_EQ(r.get(0).prompt, want);
+  }
 }
 
 }  // namespace
