@@ -1,5 +1,6 @@
 #include "data/h5_util.h"
 
+#include <cstdint>
 #include <cstring>
 
 namespace dpo {
@@ -213,6 +214,24 @@ int64_t length_1d(hid_t dset, const std::string& what) {
   hsize_t n = 0;
   H5_CHECK(H5Sget_simple_extent_dims(space.get(), &n, nullptr));
   return static_cast<int64_t>(n);
+}
+
+int64_t stored_elements_1d(hid_t dset) {
+  H5Id dcpl = H5_OWN(H5Dget_create_plist(dset), H5Pclose);
+  H5Id type = H5_OWN(H5Dget_type(dset), H5Tclose);
+  const size_t esize = H5Tget_size(type.get());
+  if (esize == 0) throw std::runtime_error("dataset with an element size of 0");
+  if (H5Pget_layout(dcpl.get()) == H5D_CHUNKED) {
+    hsize_t chunk = 0;
+    if (H5Pget_chunk(dcpl.get(), 1, &chunk) != 1) throw std::runtime_error("chunked dataset of rank != 1");
+    H5Id space = H5_OWN(H5Dget_space(dset), H5Sclose);
+    hsize_t nchunks = 0;
+    H5_CHECK(H5Dget_num_chunks(dset, space.get(), &nchunks));
+    // Saturate: the product only has to be compared with a length.
+    if (chunk != 0 && nchunks > static_cast<hsize_t>(INT64_MAX) / chunk) return INT64_MAX;
+    return static_cast<int64_t>(nchunks * chunk);
+  }
+  return static_cast<int64_t>(H5Dget_storage_size(dset) / esize);
 }
 
 void append_1d(hid_t dset, hid_t mem_type, const void* data, int64_t cur, int64_t n) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <tuple>
 
 #include "data/h5_util.h"
 
@@ -148,6 +149,15 @@ Column open_column(hid_t file, Field f, int64_t n, hid_t tokens_dapl = H5P_DEFAU
   if (n_off != n + 1)
     throw std::runtime_error(offsets_path(f) + " has " + std::to_string(n_off) + " entries, expected num_examples + 1 = " +
                              std::to_string(n + 1));
+  // Every element must have been written (shown with a structured fuzz_preference_h5 input,
+  // tests/fuzz/regressions/preference_h5/unwritten_offsets_2e33: a 30 KB
+  // file declaring 2^33 unwritten offsets made the reader allocate 64 GB).
+  for (auto [dset, len, name] : {std::tuple<hid_t, int64_t, std::string>{c.offsets.get(), n_off, offsets_path(f)},
+                                 {c.tokens.get(), c.tokens_len, tokens_path(f)}})
+    if (h5::stored_elements_1d(dset) < len)
+      throw std::runtime_error(name + " declares " + std::to_string(len) + " elements but the file stores only " +
+                               std::to_string(h5::stored_elements_1d(dset)) +
+                               " (damaged or incomplete); re-run dpo_preprocess");
   return c;
 }
 

@@ -335,8 +335,10 @@ InvalidReason parse_preference_line(std::string_view line, InputFormat format, R
   Json obj;
   try {
     obj = Json::parse(line.begin(), line.end());
-  } catch (const Json::parse_error& e) {
-    // e.what() starts with "[json.exception.parse_error.101] "; keep the readable part.
+  } catch (const Json::exception& e) {
+    // parse_error, and out_of_range for a number beyond double ("1e400"; found by
+    // tests/fuzz/fuzz_jsonl_rows). e.what() starts with "[json.exception.parse_error.101] ";
+    // keep the readable part.
     std::string m = e.what();
     auto sp = m.find("] ");
     *detail = sp == std::string::npos ? m : m.substr(sp + 2);

@@ -13,7 +13,13 @@ PKGS=(
   nlohmann-json3-dev
   libpcre2-dev libutf8proc-dev
   python3
+  iproute2 procps
 )
+# DPO_WITH_FUZZ=1: clang + libFuzzer for scripts/fuzz.sh (the ctest replay of the fuzz
+# corpora needs neither: it builds with the normal compiler).
+if [ "${DPO_WITH_FUZZ:-0}" = 1 ]; then
+  PKGS+=(clang-14 libfuzzer-14-dev)
+fi
 if [ "${DPO_WITH_SLURM:-0}" = 1 ]; then
   PKGS+=(slurm-wlm munge slurm-client)
 fi
