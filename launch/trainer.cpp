@@ -2,15 +2,11 @@
 
 #include <unistd.h>
 
-#include <ATen/core/Generator.h>
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -26,6 +22,7 @@
 #include "dist/signals.h"
 #include "launch/metrics_log.h"
 #include "launch/model_setup.h"
+#include "launch/rng_state.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
 #include "util/fs.h"
@@ -42,27 +39,6 @@ constexpr const char* kResumeRecord = "dpo_dist_state.json";
 
 using Clock = std::chrono::steady_clock;
 
-// ---- RNG state of this rank (LoRA dropout draws from the default CPU generator)
-torch::Tensor rng_state_get() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-void rng_state_set(const torch::Tensor& s) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(s);
-}
-
-std::string tensor_bytes(const torch::Tensor& t) {
-  auto c = t.contiguous().to(torch::kCPU);
-  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
-}
-torch::Tensor bytes_tensor(const std::string& s) {
-  auto t = torch::empty({static_cast<int64_t>(s.size())}, torch::kUInt8);
-  std::memcpy(t.data_ptr(), s.data(), s.size());
-  return t;
-}
 
 // The settings a checkpoint must agree on to be resumed (docs/usage.md, "Resuming").
 json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_batch) {
@@ -142,6 +118,7 @@ class Trainer {
   double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0;
   int64_t win_steps_ = 0;
   int64_t last_saved_step_ = -1;
+  RankGenerators rng_;  // LoRA dropout's generators (CPU, + this rank's GPU on --device cuda)
   std::vector<json> history_;
 };
 
@@ -223,8 +200,10 @@ void Trainer::setup() {
   grad_sync_ = std::make_unique<GradSync>(comm_, ps);
   comm_.set_timeout(o_.collective_timeout);
 
-  // 6. dropout RNG: distinct per rank, reproducible from the seed
+  // 6. dropout RNG: distinct per rank, reproducible from the seed (manual_seed seeds the
+  // CPU generator and every visible GPU's)
   torch::manual_seed(static_cast<uint64_t>(o_.seed) * 1000003ULL + static_cast<uint64_t>(rank_));
+  rng_ = default_rank_generators(m_.device);
 
   // 7. resume
   std::string resume_dir;
@@ -356,16 +335,20 @@ void Trainer::resume(const std::string& dir) {
   win_seconds_ = w["seconds"];
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
-  // Every rank's dropout generator continues where it stopped; with another
-  // world size the ranks' streams cannot map one to one, so they are reseeded.
-  SafetensorsFile rng(dir + "/rng_state.safetensors");
-  const std::string key = "rank_" + std::to_string(rank_);
-  if (d["world_size"].get<int>() == world_ && rng.has(key)) {
-    rng_state_set(rng.get(key).clone());
+  // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
+  // stopped; with another world size the ranks' streams cannot map one to one, and without
+  // the file (deleted to change --device: launch/rng_state.h) there is nothing to continue:
+  // then they are reseeded.
+  const std::string rng_path = dir + "/rng_state.safetensors";
+  const bool have_rng = fs::exists(rng_path);
+  if (d["world_size"].get<int>() == world_ && have_rng) {
+    rng_restore(rng_, rng_load_rank(rng_path, rank_, rng_.device_type));
   } else {
     torch::manual_seed(static_cast<uint64_t>(o_.seed) * 1000003ULL + static_cast<uint64_t>(rank_) +
                        7919ULL * static_cast<uint64_t>(global_step_));
-    if (rank_ == 0) say("note: world size changed since the checkpoint; dropout streams reseeded");
+    if (rank_ == 0)
+      say(have_rng ? "note: world size changed since the checkpoint; dropout streams reseeded"
+                   : "note: " + rng_path + " is absent; dropout streams reseeded");
   }
   last_saved_step_ = global_step_;
   say("resumed from " + dir + " at step " + std::to_string(global_step_));
@@ -556,8 +539,11 @@ void Trainer::evaluate() {
 }
 
 std::string Trainer::save_checkpoint() {
-  // Every rank contributes its RNG state; rank 0 writes.
-  std::vector<std::string> rngs = comm_.allgather_string(tensor_bytes(rng_state_get()));
+  // Every rank contributes its RNG states; rank 0 writes.
+  const RankRngState mine = rng_capture(rng_);
+  std::vector<std::string> cpu_states = comm_.allgather_string(rng_state_bytes(mine.cpu));
+  std::vector<std::string> dev_states;
+  if (mine.device.defined()) dev_states = comm_.allgather_string(rng_state_bytes(mine.device));
   std::string path;
   if (rank_ == 0) {
     json st = trainer_state(), rec = resume_record();
@@ -566,9 +552,12 @@ std::string Trainer::save_checkpoint() {
     path = checkpoint_commit(o_.output_dir, global_step_, [&](const std::string& tmp) {
       lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path);
       safetensors_save(tmp + "/optimizer.safetensors", opt_->state(), {{"format", "dpo_dist AdamW"}});
-      std::vector<std::pair<std::string, torch::Tensor>> r;
-      for (size_t i = 0; i < rngs.size(); ++i) r.emplace_back("rank_" + std::to_string(i), bytes_tensor(rngs[i]));
-      safetensors_save(tmp + "/rng_state.safetensors", r);
+      std::vector<RankRngState> all(cpu_states.size());
+      for (size_t i = 0; i < all.size(); ++i) {
+        all[i].cpu = rng_state_from_bytes(cpu_states[i]);
+        if (!dev_states.empty()) all[i].device = rng_state_from_bytes(dev_states[i]);
+      }
+      rng_save(tmp + "/rng_state.safetensors", rng_.device_type, all);
       write_file_atomic(tmp + "/training_args.json", args.dump(2) + "\n");
       write_file_atomic(tmp + "/" + kResumeRecord, rec.dump(2) + "\n");
       // trainer_state.json last: its presence marks the checkpoint complete.
