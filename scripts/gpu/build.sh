@@ -66,6 +66,11 @@ else
   nccl_desc="NCCL not found under $nccl_home (the NCCL backend is left out)"
 fi
 
+# libtorch's CMake looks for NVTX3 and otherwise for libnvToolsExt, which CUDA >= 12.9 no
+# longer ships: point it at the toolkit's header-only nvtx3.
+nvtx_args=()
+[ -d "$cuda_root/include/nvtx3" ] && nvtx_args=("-Dnvtx3_dir=$cuda_root/include")
+
 # ---- the other dependencies ----------------------------------------------------------------
 bundle_args=()
 prefix_path=$(cd "$torch_cmake/.." && pwd)
@@ -83,6 +88,6 @@ cmake -G Ninja -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
   "-DCMAKE_PREFIX_PATH=$prefix_path" "-DTorch_DIR=$torch_cmake" \
   "-DCMAKE_CUDA_COMPILER=$nvcc" "-DCUDAToolkit_ROOT=$cuda_root" "-DCMAKE_CUDA_ARCHITECTURES=${DPO_CUDA_ARCHS:-90}" \
   "-DCMAKE_CXX_FLAGS=-D_GLIBCXX_USE_CXX11_ABI=$abi" \
-  "${nccl_args[@]}" "${bundle_args[@]}" ${DPO_CMAKE_ARGS:-}
+  "${nccl_args[@]}" "${nvtx_args[@]}" "${bundle_args[@]}" ${DPO_CMAKE_ARGS:-}
 ninja -C "$build" -j "${DPO_JOBS:-$(nproc)}" "$@"
 say "built in $build"

@@ -71,6 +71,10 @@ ok() { echo "bundle_selftest: ok: $*"; }
 [ ! -e /usr/lib/x86_64-linux-gnu/libmpi.so.40 ] || fail "system libmpi still visible"
 # shellcheck source=scripts/gpu/env.sh
 source "$src/scripts/gpu/env.sh" "$bundle"
+if [ -n "${DPO_SELFTEST_CMD:-}" ]; then  # debugging: run a command in this environment instead
+  eval "$DPO_SELFTEST_CMD"
+  exit $?
+fi
 ok "env.sh: $DPO_BUNDLE_MISSING_LIBS fallback libraries linked as missing on this machine"
 
 for t in pkg-config mpicc mpirun spm_train; do
@@ -107,8 +111,9 @@ rm -rf "$tmpd"
 ok "mpirun -np 2: $out"
 
 rm -rf "$build"
-cmake -G Ninja -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$DPO_BUNDLE_PREFIX" "${DPO_BUNDLE_CMAKE_ARGS[@]}" >"$build.configure.log" 2>&1 ||
-  { tail -n 30 "$build.configure.log"; fail "cmake configure against the bundle failed (log: $build.configure.log)"; }
+mkdir -p "$build"
+cmake -G Ninja -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$DPO_BUNDLE_PREFIX" "${DPO_BUNDLE_CMAKE_ARGS[@]}" >"$build/selftest-configure.log" 2>&1 ||
+  { tail -n 30 "$build/selftest-configure.log"; fail "cmake configure against the bundle failed (log: $build/selftest-configure.log)"; }
 ok "configured $build"
 cache=$build/CMakeCache.txt
 for v in HDF5_C_INCLUDE_DIR HDF5_hdf5_LIBRARY_RELEASE MPI_C_HEADER_DIR MPI_mpi_LIBRARY Boost_DIR nlohmann_json_DIR GTest_DIR \
@@ -122,8 +127,8 @@ spm=$(grep -E '^SENTENCEPIECE_(INCLUDEDIR|LIBDIR)' "$cache" | head -n 2 | tr '\n
 [[ $spm == *"$bundle"/* ]] || fail "sentencepiece (pkg-config) not found in the bundle: $spm"
 ok "$spm"
 targets=(dpo_preprocess test_preference_h5 test_preprocess test_preprocess_mpi)
-nice -n 5 ninja -C "$build" -j "${DPO_SELFTEST_JOBS:-2}" "${targets[@]}" >"$build.build.log" 2>&1 ||
-  { tail -n 30 "$build.build.log"; fail "building ${targets[*]} against the bundle failed (log: $build.build.log)"; }
+nice -n 5 ninja -C "$build" -j "${DPO_SELFTEST_JOBS:-2}" "${targets[@]}" >"$build/selftest-build.log" 2>&1 ||
+  { tail -n 30 "$build/selftest-build.log"; fail "building ${targets[*]} against the bundle failed (log: $build/selftest-build.log)"; }
 ok "built ${targets[*]}"
 "$build/bin/dpo_preprocess" --help >/dev/null || fail "dpo_preprocess --help failed"
 if ldd "$build/bin/dpo_preprocess" | grep -E "libhdf5|libmpi|libsentencepiece|libboost" | grep -v "$bundle" | grep .; then
@@ -131,7 +136,7 @@ if ldd "$build/bin/dpo_preprocess" | grep -E "libhdf5|libmpi|libsentencepiece|li
 fi
 ok "dpo_preprocess loads HDF5, MPI, sentencepiece and Boost from the bundle"
 for t in test_preference_h5 test_preprocess test_preprocess_mpi; do
-  timeout 600 "$build/tests/$t" >"$build.$t.log" 2>&1 || { tail -n 30 "$build.$t.log"; fail "$t against the bundle failed (log: $build.$t.log)"; }
-  ok "$t: $(grep -E '^\[  PASSED  \]' "$build.$t.log")"
+  timeout 600 "$build/tests/$t" >"$build/selftest-$t.log" 2>&1 || { tail -n 30 "$build/selftest-$t.log"; fail "$t against the bundle failed (log: $build/selftest-$t.log)"; }
+  ok "$t: $(grep -E '^\[  PASSED  \]' "$build/selftest-$t.log")"
 done
 echo "bundle_selftest: PASS"

@@ -46,13 +46,12 @@ export PKG_CONFIG_SYSROOT_DIR=$DPO_BUNDLE/root
 # OpenMPI and PMIx were built for /usr: these relocate them (plugins, help texts, wrappers).
 export OPAL_PREFIX=$_dpo_r
 export PMIX_INSTALL_PREFIX=$_dpo_l/pmix2
+export PMIX_MCA_mca_base_component_path=$_dpo_l/pmix2/lib/pmix  # PMIx's plugins (zlib, ...)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # A single node: shared memory and TCP (the fabric plugins are not bundled).
 export OMPI_MCA_btl=self,vader,tcp OMPI_MCA_pml=ob1 OMPI_MCA_osc=^ucx OMPI_MCA_mtl=^ofi,psm,psm2
 export DPO_BUNDLE_PREFIX=$_dpo_r  # for CMAKE_PREFIX_PATH (with libtorch's)
 DPO_BUNDLE_CMAKE_ARGS=(
-  "-DHDF5_ROOT=$_dpo_r"
-  "-DHDF5_C_COMPILER_EXECUTABLE=$DPO_BUNDLE/no-h5cc"
   "-DMPI_C_COMPILER=$_dpo_r/bin/mpicc"
   "-DMPIEXEC_EXECUTABLE=$_dpo_r/bin/mpirun"
   "-DPKG_CONFIG_EXECUTABLE=$_dpo_r/bin/pkgconf"
