@@ -53,6 +53,7 @@ verdict() { # verdict ITEM PASS|FAIL|"NOT RUN" DETAILS
 # last_line FILE PATTERN: the last line of FILE matching PATTERN (for the numbers).
 last_line() { grep -E "$2" "$1" 2>/dev/null | tail -n 1; }
 
+[ "${DPO_CHECK_DRY_RUN:-0}" != 1 ] || log "DRY RUN: --device cuda runs on the CPU, --backend nccl is mpi: a test of this script, not GPU results"
 log "machine: $(nproc) cores, $(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME"), $(uname -m)"
 nvidia-smi -L 2>&1 | sed 's/^/check: /'
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -127,12 +128,26 @@ common=(--model_name_or_path "$work/model" --train_file "$work/train.h5" --stage
   --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 2 --gradient_accumulation_steps 1
   --lora_r 4 --lora_alpha 8 --lora_target_modules q_proj,v_proj --seed 7 --logging_steps 1
   --threads 4 --progress off --collective_timeout 120 --report_to jsonl --per_device_train_batch_size 4)
+# DPO_CHECK_DRY_RUN=1 (a test of this script on a machine without a GPU, not a check):
+# --device cuda becomes cpu and --backend nccl becomes mpi. run_dpo NP ARGS...: mpirun dpo_dist.
+run_dpo() {
+  local np=$1 a=() x
+  shift
+  for x in "$@"; do
+    if [ "${DPO_CHECK_DRY_RUN:-0}" = 1 ]; then
+      [ "$x" = cuda ] && x=cpu
+      [ "$x" = nccl ] && x=mpi
+    fi
+    a+=("$x")
+  done
+  timeout 180 "${mpi[@]}" -np "$np" "$B/dpo_dist" "${a[@]}"
+}
 # train NAME NP ARGS...: one dpo_dist run into $work/NAME (log $work/NAME.log); returns its exit code.
 train() {
   local name=$1 np=$2
   shift 2
   rm -rf "${work:?}/$name"
-  timeout 180 "${mpi[@]}" -np "$np" "$B/dpo_dist" "${common[@]}" --output_dir "$work/$name" "$@" >"$work/$name.log" 2>&1
+  run_dpo "$np" "${common[@]}" --output_dir "$work/$name" "$@" >"$work/$name.log" 2>&1
   local rc=$?
   [ $rc = 0 ] || { echo "--- $name exited $rc:"; tail -n 15 "$work/$name.log"; }
   return $rc
@@ -185,9 +200,9 @@ raw = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; h = j
 print("yes" if "rank_0.cuda" in h and h.get("__metadata__", {}).get("device_type") == "cuda" else "no")' \
       "$work/resA/checkpoint-3/rng_state.safetensors" 2>&1)
     rc_b=0 rc_c=0 rc_d=0
-    timeout 180 "${mpi[@]}" -np 1 "$B/dpo_dist" "${common[@]}" "${rargs[@]}" --output_dir "$work/resB" \
+    run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resB" \
       --resume_from_checkpoint auto >"$work/resB.log" 2>&1 || rc_b=$?
-    timeout 180 "${mpi[@]}" -np 1 "$B/dpo_dist" "${common[@]}" "${rargs[@]}" --output_dir "$work/resC" \
+    run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resC" \
       --resume_from_checkpoint auto >"$work/resC.log" 2>&1 || rc_c=$?
     mkdir -p "$work/resD"
     cp -r "$work/resA/checkpoint-3" "$work/resD/"
