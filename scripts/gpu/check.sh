@@ -50,6 +50,14 @@ verdict() { # verdict ITEM PASS|FAIL|"NOT RUN" DETAILS
   echo "$line" >>"$out/verdicts.txt"
   case "$2" in PASS) npass=$((npass + 1)) ;; FAIL) nfail=$((nfail + 1)) ;; *) nnot=$((nnot + 1)) ;; esac
 }
+# skip_if_late ITEM...: true (and those items NOT RUN) once the time budget is spent, so that
+# the verdicts so far come back before a 10-minute limit (DPO_CHECK_BUDGET_S, default 550).
+skip_if_late() {
+  [ $((SECONDS - t_start)) -ge "${DPO_CHECK_BUDGET_S:-550}" ] || return 1
+  local i
+  for i in "$@"; do verdict "$i" "NOT RUN" "time budget of ${DPO_CHECK_BUDGET_S:-550} s used up"; done
+  return 0
+}
 # last_line FILE PATTERN: the last line of FILE matching PATTERN (for the numbers).
 last_line() { grep -E "$2" "$1" 2>/dev/null | tail -n 1; }
 
@@ -62,7 +70,7 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8 OMP_NUM_THREADS=4
 export PYTHONUNBUFFERED=1
 
 # ---- build ---------------------------------------------------------------------------------
-targets=(dpo_dist dpo_init_model dpo_make_demo_data dpo_preprocess dpo_score test_cuda test_rng_state bench_cuda_step)
+targets=(dpo_dist dpo_init_model dpo_make_demo_data dpo_preprocess dpo_score test_cuda test_launch bench_cuda_step)
 t=$SECONDS
 if [ "${DPO_CHECK_SKIP_BUILD:-0}" = 1 ] && [ -x "$build/bin/dpo_dist" ]; then
   # shellcheck source=scripts/gpu/env.sh
@@ -101,8 +109,8 @@ gtest_item cuda_rng 'CudaRng.*' 'PASSED|FAILED'
 gtest_item tiny_model_cuda 'CudaModel.Tiny*' '^CudaModel fp32:'
 gtest_item grad_ckpt_grads 'CudaModel.Gradient*' '^CudaModel checkpointing:'
 rc=0
-timeout 120 "$build/tests/test_rng_state" >"$work/rng_unit.log" 2>&1 || rc=$?
-[ $rc = 0 ] || { cat "$work/rng_unit.log"; verdict rng_state_unit FAIL "test_rng_state exit $rc"; }
+timeout 120 "$build/tests/test_launch" --gtest_filter='RngState.*' >"$work/rng_unit.log" 2>&1 || rc=$?
+[ $rc = 0 ] || { cat "$work/rng_unit.log"; verdict rng_state_unit FAIL "test_launch RngState.* exit $rc"; }
 
 # ---- tiny model, tokenizer, data (as tests/e2e/common.sh) ----------------------------------
 t=$SECONDS
@@ -163,101 +171,109 @@ cmp_item() { # cmp_item ITEM A B ARGS... (compare_runs.py)
 
 if [ $setup_ok = 1 ]; then
   # ---- CUDA vs CPU -----------------------------------------------------------------------
-  t=$SECONDS
-  if train cpu32 1 --device cpu --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5 &&
-    train cuda32 1 --device cuda --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5; then
-    res=$(cmp_item train_fp32 cuda32 cpu32 --tol 1e-5)
-    [ $? = 0 ] && verdict train_fp32 PASS "${res#*PASS: }" || verdict train_fp32 FAIL "${res#*: }"
-  else
-    verdict train_fp32 FAIL "a run failed (see check.log)"
+  if ! skip_if_late train_fp32 train_bf16 grad_ckpt; then
+    t=$SECONDS
+    if train cpu32 1 --device cpu --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5 &&
+      train cuda32 1 --device cuda --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5; then
+      res=$(cmp_item train_fp32 cuda32 cpu32 --tol 1e-5)
+      [ $? = 0 ] && verdict train_fp32 PASS "${res#*PASS: }" || verdict train_fp32 FAIL "${res#*: }"
+    else
+      verdict train_fp32 FAIL "a run failed (see check.log)"
+    fi
+    if train cuda16 1 --device cuda --bnb_4bit_compute_dtype bfloat16 --lora_dropout 0 --max_steps 5; then
+      res=$(cmp_item train_bf16 cuda16 cpu32 --tol 2e-2)
+      [ $? = 0 ] && verdict train_bf16 PASS "${res#*PASS: }" || verdict train_bf16 FAIL "${res#*: }"
+    else
+      verdict train_bf16 FAIL "the bf16 CUDA run failed (see check.log)"
+    fi
+    if train cuda32ck 1 --device cuda --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5 --gradient_checkpointing true; then
+      res=$(cmp_item grad_ckpt cuda32ck cuda32 --tol 1e-6)
+      [ $? = 0 ] && verdict grad_ckpt PASS "5 steps with vs without: ${res#*PASS: }" || verdict grad_ckpt FAIL "${res#*: }"
+    else
+      verdict grad_ckpt FAIL "the checkpointing run failed"
+    fi
+    log "cuda vs cpu: $((SECONDS - t)) s"
   fi
-  if train cuda16 1 --device cuda --bnb_4bit_compute_dtype bfloat16 --lora_dropout 0 --max_steps 5; then
-    res=$(cmp_item train_bf16 cuda16 cpu32 --tol 2e-2)
-    [ $? = 0 ] && verdict train_bf16 PASS "${res#*PASS: }" || verdict train_bf16 FAIL "${res#*: }"
-  else
-    verdict train_bf16 FAIL "the bf16 CUDA run failed (see check.log)"
-  fi
-  if train cuda32ck 1 --device cuda --bnb_4bit_compute_dtype float32 --lora_dropout 0 --max_steps 5 --gradient_checkpointing true; then
-    res=$(cmp_item grad_ckpt cuda32ck cuda32 --tol 1e-6)
-    [ $? = 0 ] && verdict grad_ckpt PASS "5 steps with vs without: ${res#*PASS: }" || verdict grad_ckpt FAIL "${res#*: }"
-  else
-    verdict grad_ckpt FAIL "the checkpointing run failed"
-  fi
-  log "cuda vs cpu: $((SECONDS - t)) s"
 
   # ---- exact resume on CUDA with dropout -------------------------------------------------
-  t=$SECONDS
-  rargs=(--device cuda --lora_dropout 0.1 --max_steps 6 --save_steps 3 --gradient_checkpointing true)
-  if train resA 1 "${rargs[@]}" && train resA2 1 "${rargs[@]}"; then
-    det=$(cmp_item determinism resA2 resA --bitwise)
-    mkdir -p "$work/resB" "$work/resC"
-    cp -r "$work/resA/checkpoint-3" "$work/resB/"
-    cp -r "$work/resA/checkpoint-3" "$work/resC/"
-    rm -f "$work/resC/checkpoint-3/rng_state.safetensors"
-    has_cuda_rng=$(python3 -c '
-import json, struct, sys
-raw = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; h = json.loads(raw[8:8 + n])
-print("yes" if "rank_0.cuda" in h and h.get("__metadata__", {}).get("device_type") == "cuda" else "no")' \
-      "$work/resA/checkpoint-3/rng_state.safetensors" 2>&1)
-    rc_b=0 rc_c=0 rc_d=0
-    run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resB" \
-      --resume_from_checkpoint auto >"$work/resB.log" 2>&1 || rc_b=$?
-    run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resC" \
-      --resume_from_checkpoint auto >"$work/resC.log" 2>&1 || rc_c=$?
-    mkdir -p "$work/resD"
-    cp -r "$work/resA/checkpoint-3" "$work/resD/"
-    timeout 180 "${mpi[@]}" -np 1 "$B/dpo_dist" "${common[@]}" --device cpu --lora_dropout 0.1 --max_steps 6 --save_steps 3 \
-      --output_dir "$work/resD" --resume_from_checkpoint auto >"$work/resD.log" 2>&1 || rc_d=$?
-    refusal=$(grep -m1 "cannot continue on --device cpu" "$work/resD.log")
-    res=$(cmp_item resume resB resA --bitwise --steps 4-6)
-    rc_res=$?
-    ctl=$(cmp_item resume_ctl resC resA --bitwise)
-    rc_ctl=$?
-    echo "determinism: $det"
-    echo "refusal (exit $rc_d): $refusal"
-    if [ $rc_b = 0 ] && [ $rc_res = 0 ] && [ "$has_cuda_rng" = yes ] && [ $rc_c = 0 ] && [ $rc_ctl != 0 ] && [ $rc_d != 0 ] && [ -n "$refusal" ]; then
-      verdict resume_cuda PASS "3+3 == 6 steps: ${res#*PASS: }; without rng_state: differs (control); --device cpu refused"
+  if ! skip_if_late resume_cuda; then
+    t=$SECONDS
+    rargs=(--device cuda --lora_dropout 0.1 --max_steps 6 --save_steps 3 --gradient_checkpointing true)
+    if train resA 1 "${rargs[@]}" && train resA2 1 "${rargs[@]}"; then
+      det=$(cmp_item determinism resA2 resA --bitwise)
+      mkdir -p "$work/resB" "$work/resC"
+      cp -r "$work/resA/checkpoint-3" "$work/resB/"
+      cp -r "$work/resA/checkpoint-3" "$work/resC/"
+      rm -f "$work/resC/checkpoint-3/rng_state.safetensors"
+      has_cuda_rng=$(python3 -c '
+  import json, struct, sys
+  raw = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; h = json.loads(raw[8:8 + n])
+  print("yes" if "rank_0.cuda" in h and h.get("__metadata__", {}).get("device_type") == "cuda" else "no")' \
+        "$work/resA/checkpoint-3/rng_state.safetensors" 2>&1)
+      rc_b=0 rc_c=0 rc_d=0
+      run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resB" \
+        --resume_from_checkpoint auto >"$work/resB.log" 2>&1 || rc_b=$?
+      run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resC" \
+        --resume_from_checkpoint auto >"$work/resC.log" 2>&1 || rc_c=$?
+      mkdir -p "$work/resD"
+      cp -r "$work/resA/checkpoint-3" "$work/resD/"
+      timeout 180 "${mpi[@]}" -np 1 "$B/dpo_dist" "${common[@]}" --device cpu --lora_dropout 0.1 --max_steps 6 --save_steps 3 \
+        --output_dir "$work/resD" --resume_from_checkpoint auto >"$work/resD.log" 2>&1 || rc_d=$?
+      refusal=$(grep -m1 "cannot continue on --device cpu" "$work/resD.log")
+      res=$(cmp_item resume resB resA --bitwise --steps 4-6)
+      rc_res=$?
+      ctl=$(cmp_item resume_ctl resC resA --bitwise)
+      rc_ctl=$?
+      echo "determinism: $det"
+      echo "refusal (exit $rc_d): $refusal"
+      if [ $rc_b = 0 ] && [ $rc_res = 0 ] && [ "$has_cuda_rng" = yes ] && [ $rc_c = 0 ] && [ $rc_ctl != 0 ] && [ $rc_d != 0 ] && [ -n "$refusal" ]; then
+        verdict resume_cuda PASS "3+3 == 6 steps: ${res#*PASS: }; without rng_state: differs (control); --device cpu refused"
+      else
+        verdict resume_cuda FAIL "resume exit $rc_b, cmp: ${res#*: }; cuda rng in checkpoint: $has_cuda_rng; control (no rng_state, exit $rc_c) must differ: ${ctl%%:*}; cpu refusal exit $rc_d '${refusal}'; determinism: ${det%%:*}"
+      fi
     else
-      verdict resume_cuda FAIL "resume exit $rc_b, cmp: ${res#*: }; cuda rng in checkpoint: $has_cuda_rng; control (no rng_state, exit $rc_c) must differ: ${ctl%%:*}; cpu refusal exit $rc_d '${refusal}'; determinism: ${det%%:*}"
+      verdict resume_cuda FAIL "the uninterrupted CUDA run failed"
     fi
-  else
-    verdict resume_cuda FAIL "the uninterrupted CUDA run failed"
+    log "resume: $((SECONDS - t)) s"
   fi
-  log "resume: $((SECONDS - t)) s"
 
   # ---- NCCL vs MPI backend ---------------------------------------------------------------
-  t=$SECONDS
-  nargs=(--device cuda --lora_dropout 0.1 --max_steps 5)
-  nums=""
-  ok=1
-  nps=(1)
-  [ "${ngpu:-0}" -ge 2 ] && nps=(1 2)
-  for np in "${nps[@]}"; do
-    if train "nccl$np" "$np" "${nargs[@]}" --backend nccl && train "mpi$np" "$np" "${nargs[@]}" --backend mpi; then
-      res=$(cmp_item "nccl_vs_mpi np=$np" "nccl$np" "mpi$np" --bitwise)
-      [ $? = 0 ] || ok=0
-      nums="$nums np=$np: ${res#*: };"
+  if ! skip_if_late nccl_vs_mpi; then
+    t=$SECONDS
+    nargs=(--device cuda --lora_dropout 0.1 --max_steps 5)
+    nums=""
+    ok=1
+    nps=(1)
+    [ "${ngpu:-0}" -ge 2 ] && nps=(1 2)
+    for np in "${nps[@]}"; do
+      if train "nccl$np" "$np" "${nargs[@]}" --backend nccl && train "mpi$np" "$np" "${nargs[@]}" --backend mpi; then
+        res=$(cmp_item "nccl_vs_mpi np=$np" "nccl$np" "mpi$np" --bitwise)
+        [ $? = 0 ] || ok=0
+        nums="$nums np=$np: ${res#*: };"
+      else
+        ok=0
+        nums="$nums np=$np: a run failed;"
+      fi
+    done
+    if [ -x "$build/tests/dist_nccl_test" ]; then
+      rc=0
+      timeout 120 "${mpi[@]}" -np 1 "$build/tests/dist_nccl_test" >"$work/nccl_test.log" 2>&1 || rc=$?
+      cat "$work/nccl_test.log"
+      [ $rc = 0 ] || ok=0
+      nums="$nums dist_nccl_test np=1 exit $rc"
     else
       ok=0
-      nums="$nums np=$np: a run failed;"
+      nums="$nums dist_nccl_test not built (no NCCL found at configure)"
     fi
-  done
-  if [ -x "$build/tests/dist_nccl_test" ]; then
-    rc=0
-    timeout 120 "${mpi[@]}" -np 1 "$build/tests/dist_nccl_test" >"$work/nccl_test.log" 2>&1 || rc=$?
-    cat "$work/nccl_test.log"
-    [ $rc = 0 ] || ok=0
-    nums="$nums dist_nccl_test np=1 exit $rc"
-  else
-    ok=0
-    nums="$nums dist_nccl_test not built (no NCCL found at configure)"
+    [ "${ngpu:-0}" -ge 2 ] || nums="$nums (np=2 NOT RUN: $ngpu GPU)"
+    [ $ok = 1 ] && verdict nccl_vs_mpi PASS "$nums" || verdict nccl_vs_mpi FAIL "$nums"
+    log "nccl: $((SECONDS - t)) s"
   fi
-  [ "${ngpu:-0}" -ge 2 ] || nums="$nums (np=2 NOT RUN: $ngpu GPU)"
-  [ $ok = 1 ] && verdict nccl_vs_mpi PASS "$nums" || verdict nccl_vs_mpi FAIL "$nums"
-  log "nccl: $((SECONDS - t)) s"
 
   # ---- transformers + PEFT ---------------------------------------------------------------
-  if python3 -c 'import transformers, peft, h5py' >/dev/null 2>&1; then
+  if skip_if_late hf_logps peft_rewards; then
+    :
+  elif python3 -c 'import transformers, peft, h5py' >/dev/null 2>&1; then
     t=$SECONDS
     rc=0
     timeout 120 "$B/dpo_score" --model_name_or_path "$work/model" --load_in_4bit false --bnb_4bit_compute_dtype float32 \
@@ -292,6 +308,7 @@ fi
 # ---- 7B / 8B benchmarks (last: the longest) ------------------------------------------------
 for shape in llama2-7b llama3-8b; do
   item=bench_${shape/-/_}
+  skip_if_late "$item" && continue
   rc=0
   timeout 150 "$B/bench_cuda_step" --shape "$shape" --pairs 4 --seq 1024 --answer 512 --steps 3 >"$work/$item.log" 2>&1 || rc=$?
   cat "$work/$item.log" | tee -a "$out/bench.txt"
