@@ -8,8 +8,8 @@
 #   2. CMake configures dpo_dist with DPO_BUNDLE_CMAKE_ARGS and finds every dependency
 #      inside the bundle (checked in CMakeCache.txt);
 #   3. the torch-free targets that use each dependency build, and their tests pass
-#      (test_preference_h5: HDF5; test_preprocess: sentencepiece + JSON; test_preprocess_mpi:
-#      OpenMPI at 2 ranks; all: GoogleTest; dpo_preprocess --help: Boost.Program_options).
+#      (test_data: HDF5, sentencepiece, JSON, dpo_preprocess run under mpirun; test_preprocess_mpi:
+#      OpenMPI at 1-3 ranks; all: GoogleTest; dpo_preprocess --help: Boost.Program_options).
 # Nothing outside the namespace changes. Build dir: build-bundle (or $2).
 #   scripts/gpu/bundle_selftest.sh [BUNDLE] [BUILD_DIR]
 set -euo pipefail
@@ -126,7 +126,7 @@ done
 spm=$(grep -E '^SENTENCEPIECE_(INCLUDEDIR|LIBDIR)' "$cache" | head -n 2 | tr '\n' ' ')
 [[ $spm == *"$bundle"/* ]] || fail "sentencepiece (pkg-config) not found in the bundle: $spm"
 ok "$spm"
-targets=(dpo_preprocess test_preference_h5 test_preprocess test_preprocess_mpi)
+targets=(dpo_preprocess test_data test_preprocess_mpi)
 nice -n 5 ninja -C "$build" -j "${DPO_SELFTEST_JOBS:-2}" "${targets[@]}" >"$build/selftest-build.log" 2>&1 ||
   { tail -n 30 "$build/selftest-build.log"; fail "building ${targets[*]} against the bundle failed (log: $build/selftest-build.log)"; }
 ok "built ${targets[*]}"
@@ -135,7 +135,7 @@ if ldd "$build/bin/dpo_preprocess" | grep -E "libhdf5|libmpi|libsentencepiece|li
   fail "dpo_preprocess loads the libraries above from outside the bundle"
 fi
 ok "dpo_preprocess loads HDF5, MPI, sentencepiece and Boost from the bundle"
-for t in test_preference_h5 test_preprocess test_preprocess_mpi; do
+for t in test_data test_preprocess_mpi; do
   timeout 600 "$build/tests/$t" >"$build/selftest-$t.log" 2>&1 || { tail -n 30 "$build/selftest-$t.log"; fail "$t against the bundle failed (log: $build/selftest-$t.log)"; }
   ok "$t: $(grep -E '^\[  PASSED  \]' "$build/selftest-$t.log")"
 done

@@ -205,10 +205,8 @@ if [ $setup_ok = 1 ]; then
       cp -r "$work/resA/checkpoint-3" "$work/resB/"
       cp -r "$work/resA/checkpoint-3" "$work/resC/"
       rm -f "$work/resC/checkpoint-3/rng_state.safetensors"
-      has_cuda_rng=$(python3 -c '
-  import json, struct, sys
-  raw = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; h = json.loads(raw[8:8 + n])
-  print("yes" if "rank_0.cuda" in h and h.get("__metadata__", {}).get("device_type") == "cuda" else "no")' \
+      # The checkpoint's rng_state.safetensors holds rank 0's CUDA generator (launch/rng_state.h).
+      has_cuda_rng=$(python3 -c 'import json, struct, sys; raw = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", raw[:8])[0]; h = json.loads(raw[8:8 + n]); print("yes" if "rank_0.cuda" in h and h.get("__metadata__", {}).get("device_type") == "cuda" else "no")' \
         "$work/resA/checkpoint-3/rng_state.safetensors" 2>&1)
       rc_b=0 rc_c=0 rc_d=0
       run_dpo 1 "${common[@]}" "${rargs[@]}" --output_dir "$work/resB" \

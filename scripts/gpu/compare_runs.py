@@ -4,8 +4,9 @@
   compare_runs.py A B --tol T [--steps 4-6] [--bitwise]
 
 A, B: output dirs (metrics.jsonl + adapter_model.safetensors). Per logged training step the
-relative difference of loss and rewards/chosen|rejected, and per adapter tensor
-max|a-b| / max|b|; the worst of each is printed on one line. --bitwise: the adapter files
+difference of loss (and, printed only, rewards/chosen|rejected) relative to that metric's
+largest |value| over the steps, and per adapter tensor ||a-b|| / ||b||; --tol applies to the
+loss and the adapters (what issue 12 bounds); the worst of each is printed on one line. --bitwise: the adapter files
 must be byte-identical and the metrics exactly equal. --steps: only those steps (a range).
 Exit 0 when within T (or identical), 1 otherwise; a run whose lora_B are all zero (nothing
 trained) fails, as the comparison would prove nothing.
@@ -18,6 +19,7 @@ import struct
 import sys
 
 KEYS = ["loss", "rewards/chosen", "rewards/rejected"]
+GATED = ["loss"]  # what --tol applies to (with the adapters); the rewards are printed only
 
 
 def load_safetensors(path):
@@ -72,10 +74,13 @@ def main():
     if trained == 0:
         print("FAIL: every lora_B of %s is zero: nothing was trained" % fa)
         return 1
+    # Per tensor ||a - b|| / ||b|| (Frobenius): a few elements whose tiny gradients Adam
+    # turned the other way do not dominate it as they would a max-abs measure.
     worst_t, worst_tn = 0.0, ""
     for k in ta:
-        scale = max(abs(x) for x in tb[k]) if len(tb[k]) else 0.0
-        d = max((rel(x, y, scale) for x, y in zip(ta[k], tb[k])), default=0.0)
+        num = sum((x - y) * (x - y) for x, y in zip(ta[k], tb[k]))
+        den = sum(y * y for y in tb[k])
+        d = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
         if d != d:
             d = float("inf")
         if d > worst_t:
@@ -92,21 +97,28 @@ def main():
     if not steps:
         print("FAIL: no common logged steps")
         return 1
+    # Metrics: |a - b| relative to the largest |b| of that metric over the steps compared
+    # (rewards start at exactly 0, where a per-value relative error means nothing).
     worst_m, worst_mk = 0.0, ""
+    worst_r, worst_rk = 0.0, ""
     exact = True
+    scale = {k: max([abs(mb[s][k]) for s in steps if mb[s].get(k) is not None] or [0.0]) for k in KEYS}
     for s in steps:
         for k in KEYS:
             x, y = ma[s].get(k), mb[s].get(k)
             if x is None or y is None:
                 continue
             exact = exact and x == y
-            d = rel(x, y, abs(y))
-            if d > worst_m:
+            d = rel(x, y, scale[k])
+            if k in GATED and d > worst_m:
                 worst_m, worst_mk = d, "%s@%d" % (k, s)
+            if k not in GATED and d > worst_r:
+                worst_r, worst_rk = d, "%s@%d" % (k, s)
     same_bytes = raw_a == raw_b
-    summary = "%d steps: metrics max rel diff %.3g (%s), adapters (%d tensors, %d lora_B trained) max rel diff %.3g (%s), files %s" % (
+    summary = ("%d steps: loss max rel diff %.3g (%s), adapters (%d tensors, %d lora_B trained) max ||a-b||/||b|| %.3g (%s), "
+               "files %s; rewards max diff / scale %.3g (%s)") % (
         len(steps), worst_m, worst_mk or "-", len(ta), trained, worst_t, worst_tn or "-",
-        "byte-identical" if same_bytes else "differ")
+        "byte-identical" if same_bytes else "differ", worst_r, worst_rk or "-")
     ok = (same_bytes and exact) if o.bitwise else (worst_m <= o.tol and worst_t <= o.tol)
     print(("PASS: " if ok else "FAIL: ") + summary + ("" if o.bitwise else " (tol %g)" % o.tol))
     return 0 if ok else 1
