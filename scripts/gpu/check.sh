@@ -227,7 +227,7 @@ if [ $setup_ok = 1 ]; then
       if [ $rc_b = 0 ] && [ $rc_res = 0 ] && [ "$has_cuda_rng" = yes ] && [ $rc_c = 0 ] && [ $rc_ctl != 0 ] && [ $rc_d != 0 ] && [ -n "$refusal" ]; then
         verdict resume_cuda PASS "3+3 == 6 steps: ${res#*PASS: }; without rng_state: differs (control); --device cpu refused"
       else
-        verdict resume_cuda FAIL "resume exit $rc_b, cmp: ${res#*: }; cuda rng in checkpoint: $has_cuda_rng; control (no rng_state, exit $rc_c) must differ: ${ctl%%:*}; cpu refusal exit $rc_d '${refusal}'; determinism: ${det%%:*}"
+        verdict resume_cuda FAIL "resume exit $rc_b, cmp: ${res#*: }; cuda rng in checkpoint: $has_cuda_rng; control (no rng_state, exit $rc_c) must differ: $(cut -d' ' -f2 <<<"$ctl"); cpu refusal exit $rc_d '${refusal}'; two uninterrupted runs identical: $(cut -d' ' -f2 <<<"$det")"
       fi
     else
       verdict resume_cuda FAIL "the uninterrupted CUDA run failed"

@@ -40,7 +40,7 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-void sync() { torch::cuda::synchronize(); }
+void cuda_sync() { torch::cuda::synchronize(); }
 
 void reset_peak(int dev) {
 #ifdef DPO_BENCH_ALLOCATOR_STATS
@@ -62,12 +62,12 @@ double matmul_tflops(int64_t n, int reps, torch::Device d) {
   auto o = torch::TensorOptions().dtype(torch::kBFloat16).device(d);
   auto a = torch::randn({n, n}, o), b = torch::randn({n, n}, o);
   for (int i = 0; i < 3; ++i) (void)torch::mm(a, b);
-  sync();
+  cuda_sync();
   double best = 1e30;
   for (int i = 0; i < reps; ++i) {
     const double t0 = now_s();
     auto c = torch::mm(a, b);
-    sync();
+    cuda_sync();
     best = std::min(best, now_s() - t0);
   }
   return 2.0 * n * n * n / best / 1e12;
@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
     }
     model->set_gradient_checkpointing(ckpt);
     model->train();
-    sync();
+    cuda_sync();
     int64_t nf4_bytes = 0;
     for (auto& [name, p] : named) nf4_bytes += p->nf4_weight().nbytes();
     const double build_s = now_s() - t_build;
@@ -197,7 +197,7 @@ int main(int argc, char** argv) {
     for (int64_t s = 0; s <= cli.get_int("steps"); ++s) {
       for (auto& p : model->parameters())
         if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-      sync();
+      cuda_sync();
       reset_peak(0);
       const double t0 = now_s();
       torch::Tensor ref;
@@ -207,13 +207,13 @@ int main(int argc, char** argv) {
         ref = dpo::sequence_logps(model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
         dpo::lora_set_enabled(named, true);
       }
-      sync();
+      cuda_sync();
       const double t1 = now_s();
       auto logits = model->forward(ids, mask);
       dpo::DpoStepLoss l = dpo::dpo_batch_loss(logits, ids, lmask, ref, dopts);
       logits = torch::Tensor();
       l.loss.backward();
-      sync();
+      cuda_sync();
       const double t2 = now_s();
       peak = std::max(peak, peak_bytes(0));
       if (s > 0 && t2 - t0 < best) {
