@@ -726,6 +726,25 @@ TEST(Training, CheckpointTrainerStateHoldsExactlyHfTrainerStateFields) {
   r.resume_from_checkpoint = out + "/checkpoint-1";
   EXPECT_EQ(train(r, comm), 0);
   EXPECT_EQ(nlohmann::json::parse(testutil::read_file(out + "/trainer_state.json")).at("global_step").get<int64_t>(), 3);
+
+  // A checkpoint of dpo_dist 0.1 kept the record inside trainer_state.json ("dpo_dist",
+  // with a 3-field SFT window): it still resumes.
+  const std::string old = out + "/checkpoint-1";
+  auto st = nlohmann::json::parse(testutil::read_file(old + "/trainer_state.json"));
+  auto rec = nlohmann::json::parse(testutil::read_file(old + "/dpo_dist_state.json"));
+  rec["log_window"]["sft"] = std::vector<double>{0, 0, 0};
+  st["dpo_dist"] = rec;
+  testutil::write_file(old + "/trainer_state.json", st.dump());
+  fs::remove(old + "/dpo_dist_state.json");
+  r.output_dir = run.dir.file("old_out");
+  r.resume_from_checkpoint = old;
+  EXPECT_EQ(train(r, comm), 0);
+  EXPECT_EQ(nlohmann::json::parse(testutil::read_file(r.output_dir + "/trainer_state.json")).at("global_step").get<int64_t>(), 3);
+  // Neither record: refused with a message naming the file it looked for.
+  fs::remove(old + "/trainer_state.json");
+  testutil::write_file(old + "/trainer_state.json", nlohmann::json{{"global_step", 1}}.dump());
+  r.output_dir = run.dir.file("none_out");
+  EXPECT_NE(testutil::throw_message([&] { train(r, comm); }).find("dpo_dist_state.json"), std::string::npos);
 }
 
 TEST(Training, TrainerPrecomputedReferenceGivesSameFirstStep) {
