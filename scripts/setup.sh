@@ -14,6 +14,7 @@ PKGS=(
   libpcre2-dev libutf8proc-dev
   python3
   iproute2 procps
+  chromium          # headless: the HTML report test (tests/e2e/report_browser.sh)
 )
 # DPO_WITH_FUZZ=1: clang + libFuzzer for scripts/fuzz.sh (the ctest replay of the fuzz
 # corpora needs neither: it builds with the normal compiler).
