@@ -35,7 +35,11 @@ int main(int argc, char** argv) {
     lora_merge(m.projections);
     llama_save_hf(m.model, out, dtype, parse_size(cli.get_string("max_shard_size"), "--max_shard_size"));
     if (fs::exists(m.tokenizer_path))
-      fs::copy_file(m.tokenizer_path, fs::path(out) / "tokenizer.model", fs::copy_options::overwrite_existing);
+      fs::copy_file(m.tokenizer_path, fs::path(out) / fs::path(m.tokenizer_path).filename(),
+                    fs::copy_options::overwrite_existing);
+    for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+      if (fs::exists(fs::path(mo.model_dir) / f))
+        fs::copy_file(fs::path(mo.model_dir) / f, fs::path(out) / f, fs::copy_options::overwrite_existing);
     std::cout << "merged " << adapter << " into " << mo.model_dir << " -> " << out << " (" << dt << ")\n";
     return 0;
   });
