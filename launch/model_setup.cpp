@@ -5,6 +5,7 @@
 
 #include <torch/cuda.h>
 
+#include "core/modules_to_save.h"
 #include "data/tokenizer_info.h"
 
 namespace fs = std::filesystem;
@@ -49,6 +50,7 @@ void attach_peft_adapter(LoadedModel& m, const std::string& dir) {
   LoraConfig cfg = lora_config_load(dir);
   lora_attach(m.projections, cfg, 0);
   lora_load_peft(m.projections, dir);
+  modules_to_save_load(m.model, cfg.modules_to_save, dir);
 }
 
 LoadedModel load_model(const ModelSetupOptions& o) {

@@ -36,7 +36,7 @@ void add_train_options(Cli& c) {
   c.add_string("lr_scheduler_type", "cosine", joined(schedule_types(), "|"));
   c.add_int("warmup_steps", 0, "linear warmup steps (wins over warmup_ratio when > 0)");
   c.add_double("warmup_ratio", 0.0, "warmup as a fraction of the total steps");
-  c.add_double("weight_decay", 0.0, "AdamW decoupled weight decay (LoRA weights only)");
+  c.add_double("weight_decay", 0.0, "AdamW decoupled weight decay (trainable weights only: LoRA, modules_to_save)");
   c.add_double("adam_beta1", 0.9, "AdamW beta1");
   c.add_double("adam_beta2", 0.999, "AdamW beta2");
   c.add_double("adam_epsilon", 1e-8, "AdamW epsilon");
@@ -53,6 +53,9 @@ void add_train_options(Cli& c) {
   c.add_double("lora_dropout", 0.05, "dropout on the LoRA input");
   c.add_list("lora_target_modules", "q_proj,v_proj", "projections with adapters (or all-linear)");
   c.add_bool("use_rslora", false, "scaling alpha/sqrt(r)");
+  c.add_list("modules_to_save", "",
+             "embed_tokens and/or lm_head: train full copies next to the adapters (PEFT modules_to_save; one shared copy "
+             "when the model ties them)");
   c.add_int("logging_steps", 10, "log every N optimizer steps");
   c.add_int("eval_steps", 0, "evaluate every N steps (0 = only at the end)");
   c.add_int("save_steps", 500, "checkpoint every N steps (0 = only at the end)");
@@ -123,6 +126,7 @@ TrainOptions train_options_from(const Cli& c) {
   o.lora_dropout = c.get_double("lora_dropout");
   o.lora_target_modules = c.get_list("lora_target_modules");
   o.use_rslora = c.get_bool("use_rslora");
+  o.modules_to_save = c.get_list("modules_to_save");
   o.logging_steps = c.get_int("logging_steps");
   o.eval_steps = c.get_int("eval_steps");
   o.save_steps = c.get_int("save_steps");
@@ -163,6 +167,12 @@ TrainOptions train_options_from(const Cli& c) {
   require(o.lora_alpha > 0, "option --lora_alpha must be > 0");
   require(o.lora_dropout >= 0 && o.lora_dropout < 1, "option --lora_dropout must be in [0, 1)");
   require(!o.lora_target_modules.empty(), "option --lora_target_modules is empty");
+  for (size_t i = 0; i < o.modules_to_save.size(); ++i) {
+    const std::string& m = o.modules_to_save[i];
+    require(m == "embed_tokens" || m == "lm_head",
+            "option --modules_to_save: '" + m + "' is not one of embed_tokens, lm_head");
+    for (size_t k = 0; k < i; ++k) require(o.modules_to_save[k] != m, "option --modules_to_save names '" + m + "' twice");
+  }
   require(o.logging_steps >= 1, "option --logging_steps must be >= 1");
   require(o.eval_steps >= 0 && o.save_steps >= 0 && o.save_total_limit >= 0,
           "options --eval_steps, --save_steps, --save_total_limit must be >= 0");

@@ -50,6 +50,7 @@ struct TrainOptions {
   double lora_dropout = 0.05;
   std::vector<std::string> lora_target_modules{"q_proj", "v_proj"};
   bool use_rslora = false;
+  std::vector<std::string> modules_to_save;  // embed_tokens, lm_head (PEFT modules_to_save)
   // logging, eval, checkpoints
   int64_t logging_steps = 10;
   int64_t eval_steps = 0;  // 0 = only at the end

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/dpo.h"
+#include "core/modules_to_save.h"
 #include "core/optim.h"
 #include "core/safetensors.h"
 #include "core/schedule.h"
@@ -52,6 +53,7 @@ json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_b
               {"lora_alpha", o.lora_alpha},
               {"use_rslora", o.use_rslora},
               {"lora_target_modules", o.lora_target_modules},
+              {"modules_to_save", o.modules_to_save},
               {"global_batch", global_batch},
               {"load_in_4bit", o.load_in_4bit}};
 }
@@ -152,23 +154,31 @@ void Trainer::setup() {
   lora_cfg_.dropout = o_.lora_dropout;
   lora_cfg_.target_modules = o_.lora_target_modules;
   lora_cfg_.use_rslora = o_.use_rslora;
+  lora_cfg_.modules_to_save = o_.modules_to_save;
+  lora_cfg_.ensure_weight_tying = !o_.modules_to_save.empty() && m_.model->config().tie_word_embeddings;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
   m_.model->train();
   params_ = lora_parameters(m_.projections);
+  // modules_to_save: full fp32 copies, trained, synced and saved with the adapters.
+  for (auto& p : modules_to_save_attach(m_.model, o_.modules_to_save)) params_.push_back(p);
   int64_t n_params = 0;
   for (auto& p : params_) n_params += p.second.numel();
   say("model " + o_.model_name_or_path + " loaded in " +
       std::to_string(std::chrono::duration<double>(Clock::now() - t0).count()).substr(0, 5) + " s (" +
       (o_.load_in_4bit ? "NF4" : "dense") + "), LoRA r=" + std::to_string(o_.lora_r) + " on " +
-      std::to_string(params_.size() / 2) + " projections: " + std::to_string(n_params) + " trainable parameters");
+      std::to_string(lora_parameters(m_.projections).size() / 2) + " projections" +
+      (o_.modules_to_save.empty() ? std::string() : " + modules_to_save " + json(o_.modules_to_save).dump()) + ": " +
+      std::to_string(n_params) + " trainable parameters");
 
   // 4. data
   train_ = std::make_unique<PreferenceReader>(o_.train_file);
   check_data_matches_model(m_, o_.train_file, train_->attrs().tokenizer_sha256, train_->attrs().vocab_size);
+  llama_check_max_length(m_.model->config(), train_->attrs().max_length, o_.train_file + " on " + o_.model_name_or_path);
   if (!o_.eval_file.empty()) {
     eval_ = std::make_unique<PreferenceReader>(o_.eval_file);
     check_data_matches_model(m_, o_.eval_file, eval_->attrs().tokenizer_sha256, eval_->attrs().vocab_size);
+    llama_check_max_length(m_.model->config(), eval_->attrs().max_length, o_.eval_file + " on " + o_.model_name_or_path);
   }
   if (train_->size() == 0) throw std::runtime_error(o_.train_file + " holds no examples");
   std::vector<int64_t> lengths;
@@ -319,6 +329,7 @@ void Trainer::resume(const std::string& dir) {
     throw std::runtime_error("cannot resume from " + dir + ": it was written with different settings (" + diff +
                              "); use the original settings, or a new --output_dir to start fresh");
   lora_load_peft(m_.projections, dir);
+  modules_to_save_load(m_.model, o_.modules_to_save, dir);
   SafetensorsFile opt_file(dir + "/optimizer.safetensors");
   std::vector<std::pair<std::string, torch::Tensor>> state;
   for (const auto& n : opt_file.names()) state.emplace_back(n, opt_file.get(n).clone());
@@ -358,7 +369,9 @@ void Trainer::resume(const std::string& dir) {
 torch::Tensor Trainer::reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask) {
   torch::NoGradGuard ng;
   lora_set_enabled(m_.projections, false);
+  m_.model->set_modules_to_save_enabled(false);  // the original tables, as PEFT's disable_adapter
   torch::Tensor ref = sequence_logps(m_.model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
+  m_.model->set_modules_to_save_enabled(true);
   lora_set_enabled(m_.projections, true);
   return ref;
 }
@@ -550,7 +563,7 @@ std::string Trainer::save_checkpoint() {
     json args;
     for (const auto& [k, v] : o_.dump) args[k] = v;
     path = checkpoint_commit(o_.output_dir, global_step_, [&](const std::string& tmp) {
-      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path);
+      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path, modules_to_save_state(m_.model, o_.modules_to_save));
       safetensors_save(tmp + "/optimizer.safetensors", opt_->state(), {{"format", "dpo_dist AdamW"}});
       std::vector<RankRngState> all(cpu_states.size());
       for (size_t i = 0; i < all.size(); ++i) {
@@ -573,7 +586,8 @@ std::string Trainer::save_checkpoint() {
 
 void Trainer::save_final() {
   if (rank_ != 0) return;
-  lora_save_peft(m_.projections, lora_cfg_, o_.output_dir, o_.model_name_or_path);
+  lora_save_peft(m_.projections, lora_cfg_, o_.output_dir, o_.model_name_or_path,
+                 modules_to_save_state(m_.model, o_.modules_to_save));
   write_file_atomic(o_.output_dir + "/trainer_state.json", trainer_state().dump(2) + "\n");
 }
 
