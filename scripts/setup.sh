@@ -12,6 +12,7 @@ PKGS=(
   libgtest-dev googletest
   nlohmann-json3-dev
   python3
+  chromium          # headless: the HTML report test (tests/e2e/report_browser.sh)
 )
 if [ "${DPO_WITH_SLURM:-0}" = 1 ]; then
   PKGS+=(slurm-wlm munge slurm-client)
