@@ -27,8 +27,12 @@ int main(int argc, char** argv) {
     TrainOptions o = train_options_from(cli);
     if (o.dry_run) {
       // The plan only: MPI for the process layout, the HDF5 offsets and config.json; no model.
+      if (o.backend == "fake") {
+        std::fputs(dry_run_plan(o, 1, 1).c_str(), stdout);
+        return 0;
+      }
       mpi = std::make_unique<MpiSession>(&argc, &argv);
-      comm = make_communicator(o.backend == "fake" ? "fake" : "mpi", false);
+      comm = make_communicator("mpi", false);
       if (comm->rank() == 0) {
         std::fputs(dry_run_plan(o, comm->world_size(), comm->local_size()).c_str(), stdout);
         std::fflush(stdout);
