@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -88,6 +89,8 @@ class Trainer {
   void train_step();
   torch::Tensor reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask);
   DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
+  DpoMetrics step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens);
+  DpoGlobalTerms global_terms(const std::vector<double>& local, size_t* offset);
   SftMetrics micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   void log_train();
   void evaluate();
@@ -110,6 +113,7 @@ class Trainer {
   std::unique_ptr<MetricsLog> log_;
   std::unique_ptr<ProgressLine> progress_;
   DpoOptions dpo_opts_;
+  bool global_terms_ = false;
   ScheduleOptions sched_;
 
   int64_t global_batch_ = 0, steps_per_epoch_ = 0, total_steps_ = 0, global_step_ = 0;
@@ -129,6 +133,10 @@ void Trainer::setup() {
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
   dpo_opts_ = o_.dpo_options();
   validate_dpo_options(dpo_opts_);
+  // aot / aot_unpaired sort over the whole global batch: train_step gathers every
+  // rank's log-ratios and adds those terms itself (docs/objective.md).
+  global_terms_ = o_.stage == "dpo" && dpo_has_global_terms(dpo_opts_);
+  dpo_opts_.skip_global_terms = global_terms_;
 
   // 2. output dir (rank 0 creates; everyone checks it exists after a barrier)
   if (rank_ == 0) {
@@ -394,6 +402,89 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
   return l.metrics;
 }
 
+// local = this rank's pairs as [pol_c..., pol_r..., ref_c..., ref_r...] (4n doubles).
+// Every rank gets the terms over all ranks' pairs (rank order) and its own offset.
+DpoGlobalTerms Trainer::global_terms(const std::vector<double>& local, size_t* offset) {
+  const auto all = comm_.allgather_string(std::string(reinterpret_cast<const char*>(local.data()), local.size() * sizeof(double)));
+  std::vector<double> pc, pr, rc, rr;
+  for (int r = 0; r < world_; ++r) {
+    const size_t n = all[r].size() / sizeof(double) / 4;
+    if (r == rank_) *offset = pc.size();
+    std::vector<double> v(4 * n);
+    std::memcpy(v.data(), all[r].data(), v.size() * sizeof(double));
+    pc.insert(pc.end(), v.begin(), v.begin() + n);
+    pr.insert(pr.end(), v.begin() + n, v.begin() + 2 * n);
+    rc.insert(rc.end(), v.begin() + 2 * n, v.begin() + 3 * n);
+    rr.insert(rr.end(), v.begin() + 3 * n, v.end());
+  }
+  return dpo_global_terms(pc, pr, rc, rr, dpo_opts_);
+}
+
+// A step whose loss sorts over the global batch (aot, aot_unpaired). Pass 1: every
+// micro-batch's reference and policy log-probs without grad (the dropout RNG state
+// before each policy forward is kept). The gathered pairs give each pair's
+// d(global terms)/d(policy logps). Pass 2: each micro-batch again with the same
+// dropout draws, back-propagating its local terms + those coefficients. Costs one
+// extra policy forward per micro-batch; holds one micro-batch's graph at a time.
+DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens) {
+  struct Micro {
+    torch::Tensor ids, mask, lmask, ref, rng;
+    int64_t pairs = 0;
+  };
+  std::vector<Micro> mbs;
+  std::vector<double> pc, pr, rc, rr;
+  for (const auto& idx : micro_batches) {
+    if (idx.empty()) continue;
+    std::vector<PreferenceExample> ex;
+    for (int64_t i : idx) ex.push_back(train_->get(i));
+    PreferenceBatch b = collate_pairs(ex, train_->attrs().pad_id);
+    Micro m;
+    m.ids = b.input_ids.to(m_.device);
+    m.mask = b.attention_mask.to(m_.device);
+    m.lmask = b.loss_mask.to(m_.device);
+    m.pairs = b.num_pairs;
+    *tokens += b.attention_mask.sum().item<int64_t>();
+    m.ref = (b.ref_logps.defined() ? b.ref_logps : reference_logps(m.ids, m.mask, m.lmask)).to(torch::kFloat64);
+    m.rng = rng_state_get();
+    torch::Tensor pol;
+    {
+      torch::NoGradGuard ng;
+      pol = sequence_logps(m_.model->forward(m.ids, m.mask), m.ids, m.lmask).logps.to(torch::kCPU, torch::kFloat64);
+    }
+    const torch::Tensor ref = m.ref.to(torch::kCPU).contiguous();
+    for (int64_t i = 0; i < m.pairs; ++i) {
+      pc.push_back(pol[i].item<double>());
+      pr.push_back(pol[m.pairs + i].item<double>());
+      rc.push_back(ref[i].item<double>());
+      rr.push_back(ref[m.pairs + i].item<double>());
+    }
+    mbs.push_back(std::move(m));
+  }
+  std::vector<double> local = pc;
+  local.insert(local.end(), pr.begin(), pr.end());
+  local.insert(local.end(), rc.begin(), rc.end());
+  local.insert(local.end(), rr.begin(), rr.end());
+  size_t off = 0;
+  const DpoGlobalTerms g = global_terms(local, &off);
+  DpoMetrics met;
+  if (rank_ == 0) met.loss_sum += g.loss_sum;  // the global sum, counted once over ranks
+  for (const auto& m : mbs) {
+    rng_state_set(m.rng);
+    auto logits = m_.model->forward(m.ids, m.mask);
+    DpoStepLoss l = dpo_batch_loss(logits, m.ids, m.lmask, m.ref.to(m_.device), dpo_opts_);
+    std::vector<double> coef(2 * m.pairs);
+    for (int64_t i = 0; i < m.pairs; ++i) {
+      coef[i] = g.grad_c[off + i];
+      coef[m.pairs + i] = g.grad_r[off + i];
+    }
+    off += static_cast<size_t>(m.pairs);
+    const torch::Tensor c = torch::tensor(coef, torch::kFloat64).to(l.policy_logps.options());
+    ((l.losses.sum() + (l.policy_logps * c).sum()) * scale).backward();
+    met += l.metrics;
+  }
+  return met;
+}
+
 SftMetrics Trainer::micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
   if (idx.empty()) return {};
   std::vector<PreferenceExample> ex;
@@ -417,7 +508,11 @@ void Trainer::train_step() {
   SftMetrics sm;
   if (o_.stage == "dpo") {
     const double scale = static_cast<double>(world_) / static_cast<double>(plan.global_examples);
-    for (const auto& mb : plan.micro_batches) dm += micro_dpo(mb, scale, &tokens);
+    if (global_terms_) {
+      dm = step_dpo_global(plan.micro_batches, scale, &tokens);
+    } else {
+      for (const auto& mb : plan.micro_batches) dm += micro_dpo(mb, scale, &tokens);
+    }
   } else {
     // SFT normalises by the answer tokens of the whole global step: count them first.
     double local = 0;
@@ -516,6 +611,7 @@ void Trainer::evaluate() {
   const int64_t lo = n * rank_ / world_, hi = n * (rank_ + 1) / world_;
   DpoMetrics dm;
   SftMetrics sm;
+  std::vector<double> pc, pr, rc, rr;  // global terms: this rank's eval pairs
   for (int64_t s = lo; s < hi; s += o_.per_device_eval_batch_size) {
     std::vector<PreferenceExample> ex;
     for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
@@ -523,13 +619,34 @@ void Trainer::evaluate() {
       PreferenceBatch b = collate_pairs(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lm = b.loss_mask.to(m_.device);
       torch::Tensor ref = b.ref_logps.defined() ? b.ref_logps : reference_logps(ids, mask, lm);
-      dm += dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_).metrics;
+      DpoStepLoss l = dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
+      dm += l.metrics;
+      if (global_terms_) {
+        const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
+        const torch::Tensor c = l.chosen_logps.to(torch::kCPU, torch::kFloat64), j = l.rejected_logps.to(torch::kCPU, torch::kFloat64);
+        for (int64_t i = 0; i < b.num_pairs; ++i) {
+          pc.push_back(c[i].item<double>());
+          pr.push_back(j[i].item<double>());
+          rc.push_back(r[i].item<double>());
+          rr.push_back(r[b.num_pairs + i].item<double>());
+        }
+      }
     } else {
       SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device);
       SftLoss l = sft_loss(m_.model->forward(ids, b.attention_mask.to(m_.device)), ids, b.loss_mask.to(m_.device));
       sm += SftMetrics::of(l, static_cast<int64_t>(ex.size()));
     }
+  }
+  if (global_terms_) {
+    // aot / aot_unpaired over the whole eval set (sorted across ranks)
+    std::vector<double> local = pc;
+    local.insert(local.end(), pr.begin(), pr.end());
+    local.insert(local.end(), rc.begin(), rc.end());
+    local.insert(local.end(), rr.begin(), rr.end());
+    size_t off = 0;
+    const DpoGlobalTerms g = global_terms(local, &off);
+    if (rank_ == 0) dm.loss_sum += g.loss_sum;
   }
   std::vector<double> v = o_.stage == "dpo" ? dm.to_vector() : sm.to_vector();
   comm_.allreduce_sum(v);

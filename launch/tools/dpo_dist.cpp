@@ -8,6 +8,7 @@
 #include "dist/mpi_communicator.h"
 #include "dist/signals.h"
 #include "launch/cli.h"
+#include "launch/plan.h"
 #include "launch/threads.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
@@ -24,6 +25,20 @@ int main(int argc, char** argv) {
     add_train_options(cli);
     if (!cli.parse(argc, argv)) return 0;
     TrainOptions o = train_options_from(cli);
+    if (o.dry_run) {
+      // The plan only: MPI for the process layout, the HDF5 offsets and config.json; no model.
+      if (o.backend == "fake") {
+        std::fputs(dry_run_plan(o, 1, 1).c_str(), stdout);
+        return 0;
+      }
+      mpi = std::make_unique<MpiSession>(&argc, &argv);
+      comm = make_communicator("mpi", false);
+      if (comm->rank() == 0) {
+        std::fputs(dry_run_plan(o, comm->world_size(), comm->local_size()).c_str(), stdout);
+        std::fflush(stdout);
+      }
+      return 0;
+    }
     limit_heap_retention();
     mpi = std::make_unique<MpiSession>(&argc, &argv);
     comm = make_communicator(o.backend, o.device == "cuda");
