@@ -3,7 +3,7 @@
 # says so in one line. A checker compares every surviving file with its last good
 # version (md5 of the whole file, or of the HDF5 token datasets where /ref_logps may
 # legitimately change).
-#  1. disk full during dpo_preprocess (a 1 MiB tmpfs): an earlier good out.h5 on it
+#  1. disk full during dpo_preprocess (a 160 KiB tmpfs): an earlier good out.h5 on it
 #     survives byte for byte; exit non-zero; one "dpo_preprocess: error:" line; no
 #     temporary file left.
 #  2. read-only output (the tmpfs remounted ro): dpo_preprocess, dpo_score
@@ -36,15 +36,17 @@ pp=("$DPO_BIN/dpo_preprocess" --tokenizer "$work/model/tokenizer.model" --format
 # ---- 1. disk full during dpo_preprocess -------------------------------------------------------
 fs=$work/small
 mkdir -p "$fs"
-if mount -t tmpfs -o size=1m tmpfs "$fs" 2>"$work/mount.err"; then
+if mount -t tmpfs -o size=160k tmpfs "$fs" 2>"$work/mount.err"; then
   e2e_cleanup_hooks+=("umount -l '$fs'")
   head -n 20 "$work/data/train.jsonl" >"$work/small.jsonl"
   rc=0
   "${pp[@]}" --input "$work/small.jsonl" --output "$fs/out.h5" >"$work/pp_good.log" 2>&1 || rc=$?
   [ $rc = 0 ] || { cat "$work/pp_good.log"; fail "the small preprocess onto the tmpfs failed ($rc)"; }
   good=$(md5sum <"$fs/out.h5")
-  # ~4 MB of rows: far more than the 1 MiB tmpfs holds.
-  for _ in $(seq 40); do cat "$work/data/train.jsonl"; done >"$work/big.jsonl"
+  # 20000 distinct rows: their HDF5 file is far larger than the 160 KiB tmpfs.
+  "$DPO_BIN/dpo_make_demo_data" --output_dir "$work/bigdata" --num_train 20000 --num_eval 1 --seed 2 \
+    >"$work/bigdata.log" 2>&1 || fail "dpo_make_demo_data (20000 rows) failed: $(tail -n 3 "$work/bigdata.log")"
+  cp "$work/bigdata/train.jsonl" "$work/big.jsonl"
   rc=0
   "${pp[@]}" --input "$work/big.jsonl" --output "$fs/out.h5" >"$work/pp_full.out" 2>"$work/pp_full.err" || rc=$?
   [ $rc != 0 ] || fail "disk_full_preprocess: exit 0 on a full disk"

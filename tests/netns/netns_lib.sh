@@ -8,7 +8,7 @@
 #   netns_require            exits 77 (ctest: NOT RUN, never passed) when namespaces cannot be made
 #   netns_up N               creates hosts 1..N (names in netns_ns[i], hostnames netns_host[i])
 #   netns_exec I cmd...      runs cmd on host I (own netns and hostname)
-#   netns_mpirun I ARGS...   scripts/dpo_mpirun on host I with the rsh agent + TCP-only MCA options
+#   netns_mpirun_cmd I ARGS... sets netns_cmd: scripts/dpo_mpirun on host I, rsh agent, TCP only
 #   netns_link I up|down     the link of host I
 # Cleanup (every process in the namespaces, namespaces, bridge) is an e2e cleanup hook.
 
@@ -99,11 +99,15 @@ netns_mpi_flags() {
     --mca oob_tcp_if_include "$netns_subnet.0/24" -x OMP_NUM_THREADS -x OPENBLAS_NUM_THREADS
 }
 
-netns_mpirun() {
+# netns_mpirun_cmd I ARGS...: sets the array netns_cmd to the command that runs
+# scripts/dpo_mpirun on host I with the rsh agent and the TCP-only MCA options (a real
+# command, so that timeout, setsid and run_bounded can start it).
+netns_mpirun_cmd() {
   local i=$1
   shift
   # shellcheck disable=SC2046
-  netns_exec "$i" "$netns_src/scripts/dpo_mpirun" --grace "${DPO_MPIRUN_GRACE:-15}" $(netns_mpi_flags) "$@"
+  netns_cmd=(ip netns exec "${netns_ns[i]}" unshare --uts sh -c 'hostname "$0" && exec "$@"' "${netns_host[i]}"
+    "$netns_src/scripts/dpo_mpirun" --grace "${DPO_MPIRUN_GRACE:-15}" $(netns_mpi_flags) "$@")
 }
 
 netns_link() {

@@ -22,8 +22,10 @@ h1=$netns_subnet.1
 h2=$netns_subnet.2
 
 steps=16
-common=("${train_args[@]}" --lora_dropout 0 --lr_scheduler_type constant --warmup_steps 0
-  --per_device_train_batch_size 1 --save_steps 0 --max_steps $steps)
+# A constant learning rate: the runs below stop at different max_steps and must agree.
+mapfile -d '' base < <(with_opt lr_scheduler_type constant "${train_args[@]}")
+mapfile -d '' base < <(with_opt warmup_steps 0 "${base[@]}")
+common=("${base[@]}" --lora_dropout 0 --per_device_train_batch_size 1 --save_steps 0 --max_steps $steps)
 
 # ---- 1. 2 hosts x 2 ranks == 1 host x 4 ranks -------------------------------------------------
 t=$SECONDS
@@ -33,8 +35,8 @@ run_bounded 180 "$work/one_host.log" "${mpi[@]}" -np 4 "$DPO_BIN/dpo_dist" "${co
 log "1 host x 4 ranks: $((SECONDS - t)) s"
 t=$SECONDS
 rc=0
-run_bounded 180 "$work/two_hosts.log" netns_mpirun 1 -H "$h1:2,$h2:2" -np 4 "$DPO_BIN/dpo_dist" "${common[@]}" \
-  --output_dir "$work/two_hosts" || rc=$?
+netns_mpirun_cmd 1 -H "$h1:2,$h2:2" -np 4 "$DPO_BIN/dpo_dist" "${common[@]}" --output_dir "$work/two_hosts"
+run_bounded 180 "$work/two_hosts.log" "${netns_cmd[@]}" || rc=$?
 [ $rc = 0 ] || { tail -n 30 "$work/two_hosts.log"; fail "2 hosts x 2 ranks exited $rc"; }
 grep -q "4 rank(s)" "$work/two_hosts.log" || fail "the 2x2 run did not report 4 ranks"
 grep -q "2 host(s)" "$work/two_hosts.log" || fail "the 2x2 run did not see 2 hosts: $(grep -m1 'rank(s)' "$work/two_hosts.log")"
@@ -48,9 +50,10 @@ out=$work/cut
 # tbf, not netem: this kernel has no sch_netem; a rate limit slows the steps down enough.
 ip netns exec "${netns_ns[2]}" tc qdisc add dev eth0 root tbf rate 4mbit burst 32kbit latency 400ms ||
   fail "tc tbf on host 2 failed"
-args=("${train_args[@]}" --lora_dropout 0 --lr_scheduler_type constant --warmup_steps 0
-  --per_device_train_batch_size 1 --save_steps 2 --max_steps 100 --collective_timeout 15 --output_dir "$out")
-start_bg pid "$work/cut.log" netns_mpirun 1 -H "$h1:2,$h2:2" -np 4 "$DPO_BIN/dpo_dist" "${args[@]}"
+mapfile -d '' cut_base < <(with_opt collective_timeout 15 "${base[@]}")
+args=("${cut_base[@]}" --lora_dropout 0 --per_device_train_batch_size 1 --save_steps 2 --output_dir "$out")
+netns_mpirun_cmd 1 -H "$h1:2,$h2:2" -np 4 "$DPO_BIN/dpo_dist" "${args[@]}" --max_steps 100
+start_bg pid "$work/cut.log" "${netns_cmd[@]}"
 rc=0
 wait_for "$pid" 120 test -f "$out/checkpoint-2/trainer_state.json" || rc=$?
 [ $rc = 0 ] || { tail -n 20 "$work/cut.log"; fail "no checkpoint-2 (wait_for: $rc; 1 = the job ended, 2 = 120 s passed)"; }
@@ -77,8 +80,10 @@ log "newest complete checkpoint: checkpoint-$k"
 # ---- 3. elastic restart on the surviving host ---------------------------------------------------
 t=$SECONDS
 rc=0
-run_bounded 180 "$work/resume.log" netns_mpirun 1 -H "$h1:2" -np 2 "$DPO_BIN/dpo_dist" "${args[@]}" \
-  --max_steps $steps --gradient_accumulation_steps 2 --resume_from_checkpoint auto || rc=$?
+mapfile -d '' resume_args < <(with_opt gradient_accumulation_steps 2 "${args[@]}")
+netns_mpirun_cmd 1 -H "$h1:2" -np 2 "$DPO_BIN/dpo_dist" "${resume_args[@]}" --max_steps $steps \
+  --resume_from_checkpoint auto
+run_bounded 180 "$work/resume.log" "${netns_cmd[@]}" || rc=$?
 [ $rc = 0 ] || { tail -n 20 "$work/resume.log"; fail "the restart on host 1 (2 ranks, accumulation 2) exited $rc"; }
 grep -q "resuming at step $k" "$work/resume.log" || fail "the restart did not resume at step $k: $(grep -m1 "global batch" "$work/resume.log")"
 cmp_losses_rel "$out/metrics.jsonl" "$work/one_host/metrics.jsonl" 1e-5
