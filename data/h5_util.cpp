@@ -9,6 +9,11 @@ namespace h5 {
 void init() {
   static std::once_flag once;
   std::call_once(once, [] {
+    // No HDF5 clean-up at exit: after a failed H5Fclose (disk full) libhdf5 1.10 crashes
+    // in its atexit handler (H5F__close_cb), turning a clean error into a segfault. Every
+    // file is closed explicitly; the tools exit after reporting. (Must precede the first
+    // HDF5 call; if the library is already up, this is a harmless no-op error.)
+    H5dont_atexit();
     // Errors become exceptions with our own message; the default handler would print
     // the whole stack to stderr for every expected failure (e.g. a probe).
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -24,7 +29,23 @@ namespace {
 herr_t walk_cb(unsigned n, const H5E_error2_t* err, void* data) {
   auto* out = static_cast<std::vector<std::string>*>(data);
   std::string s = err->func_name ? err->func_name : "";
-  if (err->desc && *err->desc) s += std::string(s.empty() ? "" : ": ") + err->desc;
+  std::string desc = err->desc ? err->desc : "";
+  // The POSIX driver's write/read failures carry a long record (time, filename, buffer,
+  // sizes) with the system's reason inside: keep "<reason> (file <name>)".
+  auto field = [&](const char* key) -> std::string {
+    const size_t b = desc.find(key);
+    if (b == std::string::npos) return "";
+    const size_t v = b + std::strlen(key), e = desc.find('\'', v);
+    return e == std::string::npos ? "" : desc.substr(v, e - v);
+  };
+  const std::string reason = field("error message = '");
+  if (!reason.empty()) {
+    const std::string file = field("filename = '");
+    desc = reason + (file.empty() ? "" : " (file " + file + ")");
+  }
+  for (char& c : desc)
+    if (c == '\n' || c == '\r') c = ' ';  // one-line messages (ctime() ends with a newline)
+  if (!desc.empty()) s += std::string(s.empty() ? "" : ": ") + desc;
   out->push_back(s);
   return 0;
 }

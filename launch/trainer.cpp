@@ -129,6 +129,8 @@ class Trainer {
 };
 
 void Trainer::setup() {
+  // Every collective from here on, the set-up barriers included, is under the watchdog.
+  comm_.set_timeout(o_.collective_timeout);
   // 1. options that depend on the process layout
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
   dpo_opts_ = o_.dpo_options();
@@ -216,7 +218,6 @@ void Trainer::setup() {
   std::vector<torch::Tensor> ps;
   for (auto& p : params_) ps.push_back(p.second);
   grad_sync_ = std::make_unique<GradSync>(comm_, ps);
-  comm_.set_timeout(o_.collective_timeout);
 
   // 6. dropout RNG: distinct per rank, reproducible from the seed (manual_seed seeds the
   // CPU generator and every visible GPU's)
