@@ -7,6 +7,7 @@
 #include "data/chat_template.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cstdint>
@@ -954,7 +955,13 @@ using Body = std::vector<StmtP>;
 
 // Scopes: a for body gets a fresh child scope per iteration, a macro call one per
 // call; `if` and the template top level share their enclosing scope.
+std::atomic<int64_t> g_live_scopes{0};
+
 struct Scope {
+  Scope() { ++g_live_scopes; }
+  ~Scope() { --g_live_scopes; }
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
   std::shared_ptr<Scope> parent;
   std::vector<std::pair<std::string, Value>> vars;
   const Value* find(const std::string& name) const {
@@ -980,6 +987,13 @@ struct Context {
   bool fixed_now = false;
   int depth = 0;  // macro recursion guard
   int64_t iterations = 0;  // loop iterations of this render (bounded by kMaxIterations)
+  // Scopes a macro closes over. The scope holds the macro, the macro its scope: a
+  // reference cycle, broken after the render by clearing these scopes' variables.
+  std::vector<std::weak_ptr<Scope>> closures;
+  ~Context() {
+    for (auto& w : closures)
+      if (auto s = w.lock()) s->vars.clear();
+  }
 };
 
 Stmt::Flow exec_body(const Body& body, Context& ctx) {
@@ -2399,6 +2413,7 @@ struct MacroStmt : Stmt {
     auto c = std::make_shared<Callable>();
     c->name = name;
     std::shared_ptr<Scope> defining = ctx.scope;
+    ctx.closures.push_back(defining);
     const MacroStmt* self = this;
     c->fn = [self, defining](CallArgs& a, Context& cctx, int call_line) -> Value {
       if (cctx.depth > 200) fail(call_line, "macro recursion too deep");
@@ -3221,6 +3236,10 @@ bool read_text_file(const std::string& path, std::string* out) {
 }
 
 }  // namespace
+
+namespace detail {
+int64_t chat_template_live_scopes() { return jinja::g_live_scopes.load(); }
+}  // namespace detail
 
 std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir) {
   ChatTemplateSource src;

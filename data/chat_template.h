@@ -89,4 +89,10 @@ struct ChatTemplateSource {
 /// JSON field) when a file is unreadable or malformed.
 std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir);
 
+namespace detail {
+/// Variable scopes of the template engine alive in this process (for the test that a
+/// render frees every scope it made, macro closures included).
+int64_t chat_template_live_scopes();
+}  // namespace detail
+
 }  // namespace dpo

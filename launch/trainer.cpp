@@ -429,7 +429,8 @@ DpoGlobalTerms Trainer::global_terms(const std::vector<double>& local, size_t* o
 // extra policy forward per micro-batch; holds one micro-batch's graph at a time.
 DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens) {
   struct Micro {
-    torch::Tensor ids, mask, lmask, ref, rng;
+    torch::Tensor ids, mask, lmask, ref;
+    RankRngState rng;  // dropout generators before the policy forward
     int64_t pairs = 0;
   };
   std::vector<Micro> mbs;
@@ -446,7 +447,7 @@ DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& mic
     m.pairs = b.num_pairs;
     *tokens += b.attention_mask.sum().item<int64_t>();
     m.ref = (b.ref_logps.defined() ? b.ref_logps : reference_logps(m.ids, m.mask, m.lmask)).to(torch::kFloat64);
-    m.rng = rng_state_get();
+    m.rng = rng_capture(rng_);
     torch::Tensor pol;
     {
       torch::NoGradGuard ng;
@@ -470,7 +471,7 @@ DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& mic
   DpoMetrics met;
   if (rank_ == 0) met.loss_sum += g.loss_sum;  // the global sum, counted once over ranks
   for (const auto& m : mbs) {
-    rng_state_set(m.rng);
+    rng_restore(rng_, m.rng);
     auto logits = m_.model->forward(m.ids, m.mask);
     DpoStepLoss l = dpo_batch_loss(logits, m.ids, m.lmask, m.ref.to(m_.device), dpo_opts_);
     std::vector<double> coef(2 * m.pairs);

@@ -20,10 +20,7 @@ while getopts "t:h" opt; do
   esac
 done
 shift $((OPTIND - 1))
-all=(safetensors llama_config adapter_config quant_state cli jsonl_rows preference_h5 chat_template)
-for extra in tokenizer_json; do
-  [ -f "tests/fuzz/fuzz_$extra.cpp" ] && all+=("$extra")
-done
+all=(safetensors llama_config adapter_config quant_state cli jsonl_rows preference_h5 chat_template hf_tokenizer)
 harnesses=("$@")
 [ ${#harnesses[@]} -gt 0 ] || harnesses=("${all[@]}")
 for h in "${harnesses[@]}"; do
@@ -62,7 +59,7 @@ for h in "${harnesses[@]}"; do
   dict=()
   case $h in
     cli) dict=(-dict="$src/tests/fuzz/cli.dict") ;;
-    safetensors | llama_config | adapter_config | quant_state | jsonl_rows) dict=(-dict="$src/tests/fuzz/json.dict") ;;
+    safetensors | llama_config | adapter_config | quant_state | jsonl_rows | hf_tokenizer) dict=(-dict="$src/tests/fuzz/json.dict") ;;
   esac
   [ -f "tests/fuzz/$h.dict" ] && dict=(-dict="$src/tests/fuzz/$h.dict")
   seeds=("$src/tests/fuzz/corpus/$h" "$src/tests/fuzz/regressions/$h")

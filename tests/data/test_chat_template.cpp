@@ -106,6 +106,27 @@ std::string error_of(const std::string& source, const json& messages = json::arr
   return "";
 }
 
+// A macro closes over the scope that defines it, and that scope holds the macro: the
+// engine breaks the cycle after each render. Every scope a render makes (namespace()
+// objects, macros, loop bodies) is freed when it returns or throws (found by
+// LeakSanitizer on engine_features.jinja; docs/robustness.md).
+TEST(ChatTemplateEngine, RenderFreesEveryScopeItMade) {
+  const int64_t before = detail::chat_template_live_scopes();
+  {
+    ChatTemplate t(slurp(kDir + "engine_features.jinja"));
+    t.set_now(0);
+    const json msgs = json::array({{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", "Hello."}}});
+    for (int i = 0; i < 3; ++i) EXPECT_FALSE(t.render(msgs, true).empty());
+    ChatTemplate m(
+        "{% set ns = namespace(n=0) %}{% macro add(k) %}{% set ns.n = ns.n + k %}{{ ns.n }}{% endmacro %}"
+        "{% for x in [1, 2] %}{% macro inner() %}{{ x }}{% endmacro %}{{ add(x) }}{{ inner() }}{% endfor %}");
+    EXPECT_EQ(m.render(json::array(), false), "1132");
+    ChatTemplate bad("{% macro f() %}{{ raise_exception('no') }}{% endmacro %}{{ f() }}");
+    EXPECT_THROW(bad.render(json::array(), false), ChatTemplateError);
+  }
+  EXPECT_EQ(detail::chat_template_live_scopes(), before);
+}
+
 TEST(ChatTemplateErrors, UnsupportedFilterNamesItsLine) {
   int line = 0;
   const std::string e = error_of("{{ 'a' }}\n\n{% if x %}\n  {{ x | frobnicate }}\n{% endif %}", json::array(), &line);

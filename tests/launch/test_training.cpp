@@ -25,6 +25,7 @@
 #include "core/linear.h"
 #include "core/llama.h"
 #include "core/lora.h"
+#include "core/safetensors.h"
 #include "core/modules_to_save.h"
 #include "core/optim.h"
 #include "data/collate.h"
