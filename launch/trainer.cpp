@@ -24,6 +24,7 @@
 #include "data/sampler.h"
 #include "dist/grad_sync.h"
 #include "dist/signals.h"
+#include "launch/dpo_step.h"
 #include "launch/metrics_log.h"
 #include "launch/model_setup.h"
 #include "launch/run_dir.h"
@@ -108,7 +109,8 @@ class Trainer {
   void resume(const std::string& dir);
   void maybe_precompute_ref(const std::string& path, std::unique_ptr<PreferenceReader>& reader);
   void train_step();
-  torch::Tensor reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask);
+  torch::Tensor reference_logps(const ModelBatch& b);
+  DpoStepLoss batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens, double* flops);
   DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   SftMetrics micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   void log_train();
@@ -132,6 +134,8 @@ class Trainer {
   std::unique_ptr<MetricsLog> log_;
   std::unique_ptr<ProgressLine> progress_;
   DpoOptions dpo_opts_;
+  DpoStepOptions step_opts_;
+  double peak_gflops_ = 0;  // fp32 matmul peak of a rank, averaged over ranks (train_mfu)
   ScheduleOptions sched_;
 
   int64_t global_batch_ = 0, steps_per_epoch_ = 0, total_steps_ = 0, global_step_ = 0;
@@ -139,9 +143,10 @@ class Trainer {
   // Log window (since the last log event), already reduced over ranks.
   DpoMetrics win_dpo_;
   SftMetrics win_sft_;
-  double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0;
+  double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0, win_flops_ = 0;
   int64_t win_steps_ = 0;
   int64_t last_saved_step_ = -1;
+  double step_flops_ = 0;  // executed FLOPs of this rank's current step
   std::vector<json> history_;
 };
 
@@ -150,6 +155,8 @@ void Trainer::setup() {
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
   dpo_opts_ = o_.dpo_options();
   validate_dpo_options(dpo_opts_);
+  step_opts_.share_prompt = o_.prefix_sharing;
+  step_opts_.padding_free = o_.padding_free;
 
   // 2. output dir (rank 0 creates; everyone checks it exists after a barrier)
   if (rank_ == 0) {
@@ -222,6 +229,8 @@ void Trainer::setup() {
   for (auto& p : params_) ps.push_back(p.second);
   grad_sync_ = std::make_unique<GradSync>(comm_, ps);
   comm_.set_timeout(o_.collective_timeout);
+  // train_mfu = executed FLOPs / (this peak x ranks x seconds).
+  peak_gflops_ = comm_.allreduce_sum(measure_matmul_gflops(1024, 3)) / world_;
 
   // 6. dropout RNG: distinct per rank, reproducible from the seed
   torch::manual_seed(static_cast<uint64_t>(o_.seed) * 1000003ULL + static_cast<uint64_t>(rank_));
@@ -323,7 +332,7 @@ json Trainer::resume_record() const {
                     {"total_steps", sched_.total_steps}, {"last_lr", last_lr_}};
   d["log_window"] = {{"dpo", win_dpo_.to_vector()},     {"sft", win_sft_.to_vector()},
                      {"tokens", win_tokens_},          {"seconds", win_seconds_},
-                     {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}};
+                     {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}, {"flops", win_flops_}};
   return d;
 }
 
@@ -356,6 +365,7 @@ void Trainer::resume(const std::string& dir) {
   win_seconds_ = w["seconds"];
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
+  win_flops_ = w.value("flops", 0.0);
   // Every rank's dropout generator continues where it stopped; with another
   // world size the ranks' streams cannot map one to one, so they are reseeded.
   SafetensorsFile rng(dir + "/rng_state.safetensors");
@@ -372,12 +382,28 @@ void Trainer::resume(const std::string& dir) {
 }
 
 // Summed answer log-probs of the reference: the same 4-bit base with adapters off, no grad.
-torch::Tensor Trainer::reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask) {
+torch::Tensor Trainer::reference_logps(const ModelBatch& b) {
   torch::NoGradGuard ng;
   lora_set_enabled(m_.projections, false);
-  torch::Tensor ref = sequence_logps(m_.model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
+  torch::Tensor ref = model_answer_logps(m_.model, b, step_opts_.chunked_logps).logps.to(torch::kFloat64);
   lora_set_enabled(m_.projections, true);
   return ref;
+}
+
+// A micro-batch's DPO loss through the packed layout (launch/dpo_step.h); adds the
+// TRL-counted tokens and the executed FLOPs.
+DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens,
+                                    double* flops) {
+  PackedPairs p = collate_packed(ex, pad_id, step_opts_.share_prompt, step_opts_.padding_free);
+  ModelBatch b = model_batch(p, m_.device);
+  if (tokens) *tokens += p.trl_tokens;
+  const bool dense = m_.model->attention_kernel() == AttentionKernel::kDense || m_.model->compute_dtype() != torch::kFloat32 ||
+                     !m_.device.is_cpu();
+  if (flops)
+    *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(),
+                             o_.gradient_checkpointing && torch::GradMode::is_enabled());
+  torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(b);
+  return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps), ref.to(m_.device), dpo_opts_);
 }
 
 DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
@@ -386,12 +412,7 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
   std::vector<PreferenceExample> ex;
   ex.reserve(idx.size());
   for (int64_t i : idx) ex.push_back(train_->get(i));
-  PreferenceBatch b = collate_pairs(ex, train_->attrs().pad_id);
-  auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lmask = b.loss_mask.to(m_.device);
-  *tokens += b.attention_mask.sum().item<int64_t>();
-  torch::Tensor ref = b.ref_logps.defined() ? b.ref_logps : reference_logps(ids, mask, lmask);
-  auto logits = m_.model->forward(ids, mask);
-  DpoStepLoss l = dpo_batch_loss(logits, ids, lmask, ref.to(m_.device), dpo_opts_);
+  DpoStepLoss l = batch_dpo_loss(ex, train_->attrs().pad_id, tokens, &step_flops_);
   // scale = world / global pairs of the step: after the gradient average over ranks
   // this is the mean over every pair of the global batch.
   (l.losses.sum() * scale).backward();
@@ -417,6 +438,7 @@ void Trainer::train_step() {
   StepPlan plan = sampler_->plan(epoch, in_epoch);
   m_.model->train();
   int64_t tokens = 0;
+  step_flops_ = 0;
   DpoMetrics dm;
   SftMetrics sm;
   if (o_.stage == "dpo") {
@@ -441,12 +463,14 @@ void Trainer::train_step() {
   std::vector<double> v = dm.to_vector();
   std::vector<double> sv = sm.to_vector();
   v.insert(v.end(), sv.begin(), sv.end());
+  v.push_back(step_flops_);
   v.push_back(static_cast<double>(tokens));
   comm_.allreduce_sum(v);
   DpoMetrics gdm = DpoMetrics::from_vector(std::vector<double>(v.begin(), v.begin() + DpoMetrics::kNumFields));
   SftMetrics gsm = SftMetrics::from_vector(
       std::vector<double>(v.begin() + DpoMetrics::kNumFields, v.begin() + DpoMetrics::kNumFields + SftMetrics::kNumFields));
   const double step_tokens = v.back();
+  const double step_flops = v[v.size() - 2];
   const double step_loss = o_.stage == "dpo" ? gdm.loss_sum / std::max(1.0, gdm.pairs) : gsm.nll_sum / std::max(1.0, gsm.tokens);
   if (!std::isfinite(step_loss) || !std::isfinite(last_grad_norm_)) {
     throw std::runtime_error("non-finite " + std::string(std::isfinite(step_loss) ? "gradient norm" : "loss") + " at step " +
@@ -463,6 +487,7 @@ void Trainer::train_step() {
   win_dpo_ += gdm;
   win_sft_ += gsm;
   win_tokens_ += step_tokens;
+  win_flops_ += step_flops;
   win_seconds_ += secs;
   win_grad_norm_sum_ += last_grad_norm_;
   ++win_steps_;
@@ -490,6 +515,8 @@ void Trainer::log_train() {
     // is the same with logging_steps 1.
     ev["grad_norm"] = win_grad_norm_sum_ / static_cast<double>(win_steps_);
     ev["tokens_per_second"] = win_tokens_ / std::max(win_seconds_, 1e-9);
+    if (win_flops_ > 0 && peak_gflops_ > 0)
+      ev["train_mfu"] = win_flops_ / (std::max(win_seconds_, 1e-9) * peak_gflops_ * 1e9 * world_);
     log_->log(ev);
     if (!progress_->active()) {
       char buf[256];
@@ -508,7 +535,7 @@ void Trainer::log_train() {
   }
   win_dpo_ = DpoMetrics{};
   win_sft_ = SftMetrics{};
-  win_tokens_ = win_seconds_ = win_grad_norm_sum_ = 0;
+  win_tokens_ = win_seconds_ = win_grad_norm_sum_ = win_flops_ = 0;
   win_steps_ = 0;
 }
 
@@ -524,10 +551,7 @@ void Trainer::evaluate() {
     std::vector<PreferenceExample> ex;
     for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
     if (o_.stage == "dpo") {
-      PreferenceBatch b = collate_pairs(ex, eval_->attrs().pad_id);
-      auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lm = b.loss_mask.to(m_.device);
-      torch::Tensor ref = b.ref_logps.defined() ? b.ref_logps : reference_logps(ids, mask, lm);
-      dm += dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_).metrics;
+      dm += batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr).metrics;
     } else {
       SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device);

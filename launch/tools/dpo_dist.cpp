@@ -8,6 +8,7 @@
 #include "dist/mpi_communicator.h"
 #include "dist/signals.h"
 #include "launch/cli.h"
+#include "launch/tensor_cache.h"
 #include "launch/threads.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
     if (!cli.parse(argc, argv)) return 0;
     TrainOptions o = train_options_from(cli);
     limit_heap_retention();
+    install_tensor_cache();  // large activations reuse their mappings step after step
     mpi = std::make_unique<MpiSession>(&argc, &argv);
     comm = make_communicator(o.backend, o.device == "cuda");
     const int threads = configure_threads(static_cast<int>(o.threads), comm->local_size());
