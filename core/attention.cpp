@@ -8,7 +8,8 @@
 #include <string>
 
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
 
 #include "core/simd_math.h"
@@ -139,15 +140,24 @@ Tensor attention_dense(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 namespace {
 
-using at::native::TransposeType;
-constexpr TransposeType kN = TransposeType::NoTranspose;
-constexpr TransposeType kT = TransposeType::Transpose;
+enum class Op { kN, kT };  // a stored matrix as is, or transposed
+constexpr Op kN = Op::kN;
+constexpr Op kT = Op::kT;
+
+// A row-major (rows x cols) fp32 matrix at p with leading dimension ld, as a tensor view.
+Tensor matrix_view(const float* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
 
 // Row-major C (M x N, ldc) = alpha * op(A) (M x Kd) * op(B) (Kd x N) + beta * C, with A
-// and B row-major (lda, ldb): the column-major BLAS call on the transposed problem.
-void rm_gemm(TransposeType ta, TransposeType tb, int64_t M, int64_t N, int64_t Kd, float alpha, const float* A,
-             int64_t lda, const float* Bm, int64_t ldb, float beta, float* C, int64_t ldc) {
-  at::native::cpublas::gemm(tb, ta, N, M, Kd, alpha, Bm, ldb, A, lda, beta, C, ldc);
+// and B stored row-major (lda, ldb). addmm on strided views: straight to BLAS, no
+// copies (cpublas::gemm is not exported by libtorch). beta = 0 ignores C's contents.
+void rm_gemm(Op ta, Op tb, int64_t M, int64_t N, int64_t Kd, float alpha, const float* A, int64_t lda,
+             const float* Bm, int64_t ldb, float beta, float* C, int64_t ldc) {
+  Tensor a = ta == kT ? matrix_view(A, Kd, M, lda).t() : matrix_view(A, M, Kd, lda);
+  Tensor b = tb == kT ? matrix_view(Bm, N, Kd, ldb).t() : matrix_view(Bm, Kd, N, ldb);
+  Tensor c = matrix_view(C, M, N, ldc);
+  at::addmm_out(c, c, a, b, beta, alpha);
 }
 
 // One block of queries [q0, q1) of a segment and the key ranges it sees (ancestors,

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include "core/dpo.h"
 
 namespace dpo {
@@ -69,7 +71,8 @@ double dpo_step_flops(const LlamaConfig& cfg, const PackedPairs& p, const DpoSte
 }
 
 double measure_matmul_gflops(int64_t n, int iters) {
-  auto a = torch::randn({n, n}), b = torch::randn({n, n}), c = torch::empty({n, n});
+  at::Generator gen = at::detail::createCPUGenerator(0);  // not the default generator: dropout streams stay as they are
+  auto a = at::randn({n, n}, gen), b = at::randn({n, n}, gen), c = torch::empty({n, n});
   at::mm_out(c, a, b);
   double best = 1e30;
   for (int i = 0; i < iters; ++i) {
