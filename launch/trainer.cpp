@@ -184,6 +184,9 @@ void Trainer::setup() {
   lora_cfg_.use_rslora = o_.use_rslora;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
+  // The chunked attention kernel with the packed path; the plain path stays TRL's.
+  m_.model->set_attention_kernel(o_.padding_free || o_.prefix_sharing ? AttentionKernel::kChunked
+                                                                      : AttentionKernel::kDense);
   m_.model->train();
   params_ = lora_parameters(m_.projections);
   int64_t n_params = 0;
@@ -395,8 +398,23 @@ torch::Tensor Trainer::reference_logps(const ModelBatch& b) {
 DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens,
                                     double* flops) {
   PackedPairs p = collate_packed(ex, pad_id, step_opts_.share_prompt, step_opts_.padding_free);
-  ModelBatch b = model_batch(p, m_.device);
   if (tokens) *tokens += p.trl_tokens;
+  if (!step_opts_.share_prompt && !step_opts_.padding_free) {
+    // The plain path (TRL's): two padded rows per pair, full logits, dense attention.
+    if (flops) *flops += dpo_step_flops(m_.model->config(), p, DpoStepOptions{false, false, false}, true,
+                                        !p.ref_logps.defined(), o_.gradient_checkpointing && torch::GradMode::is_enabled());
+    PreferenceBatch pb = collate_pairs(ex, pad_id);
+    auto ids = pb.input_ids.to(m_.device), mask = pb.attention_mask.to(m_.device), lm = pb.loss_mask.to(m_.device);
+    torch::Tensor ref = pb.ref_logps;
+    if (!ref.defined()) {
+      torch::NoGradGuard ng;
+      lora_set_enabled(m_.projections, false);
+      ref = sequence_logps(m_.model->forward(ids, mask), ids, lm).logps.to(torch::kFloat64);
+      lora_set_enabled(m_.projections, true);
+    }
+    return dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
+  }
+  ModelBatch b = model_batch(p, m_.device);
   const bool dense = m_.model->attention_kernel() == AttentionKernel::kDense || m_.model->compute_dtype() != torch::kFloat32 ||
                      !m_.device.is_cpu();
   if (flops)
