@@ -408,16 +408,16 @@ int64_t head_chunk_rows(int64_t V) {
 // holds logits), else x[m0:m1] @ w^T (lm_head in the compute dtype, upcast as the model does).
 Tensor head_chunk(const Tensor& x, const Tensor& w, int64_t m0, int64_t m1) {
   Tensor rows = x.narrow(0, m0, m1 - m0);
-  Tensor logits = w.defined() ? at::mm(rows, w.t()) : rows;
+  Tensor logits = w.numel() > 0 ? at::mm(rows, w.t()) : rows;
   return (logits.scalar_type() == torch::kFloat ? logits : logits.to(torch::kFloat)).contiguous();
 }
 
 class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
  public:
-  // x (M, C) hidden rows (or (M, V) logits when w is undefined); w (V, C) frozen;
+  // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) frozen or empty;
   // target, seq (M) int64 CPU; S sequences.
   static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor target, Tensor seq, int64_t S) {
-    const int64_t M = x.size(0), V = w.defined() ? w.size(0) : x.size(1);
+    const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
     const int64_t* tg = target.data_ptr<int64_t>();
     const int64_t* sq = seq.data_ptr<int64_t>();
     std::vector<double> lse(M), logp(M), sx(M);
@@ -463,7 +463,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     const auto out_opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
     Tensor logps = to_double_tensor(sum).to(out_opts), mean_logits = to_double_tensor(mean).to(out_opts);
     Tensor token_counts = to_long_tensor(counts).to(x.device());
-    ctx->save_for_backward({x, w.defined() ? w : Tensor()});
+    ctx->save_for_backward({x, w});
     ctx->saved_data["lse"] = to_double_tensor(lse);
     ctx->saved_data["exact"] = to_long_tensor(std::vector<int64_t>(exact.begin(), exact.end()));
     ctx->saved_data["target"] = target;
@@ -475,7 +475,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     Tensor x = saved[0], w = saved[1];
-    const int64_t M = x.size(0), V = w.defined() ? w.size(0) : x.size(1);
+    const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
     Tensor grad_x = at::zeros_like(x);
     if (!grads[0].defined() || M == 0) return {grad_x, Tensor(), Tensor(), Tensor(), Tensor()};
     Tensor gs = grads[0].to(torch::kCPU, torch::kDouble).contiguous();
@@ -517,7 +517,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
         d.scatter_add_(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1), torch::ones({m1 - m0, 1}, d.options()));
         lg = d.mul_(g.unsqueeze(1));
       }
-      Tensor gx = w.defined() ? at::mm(lg.to(w.scalar_type()), w) : lg.to(x.scalar_type());
+      Tensor gx = w.numel() > 0 ? at::mm(lg.to(w.scalar_type()), w) : lg.to(x.scalar_type());
       grad_x.narrow(0, m0, m1 - m0).copy_(gx);
     }
     return {grad_x, Tensor(), Tensor(), Tensor(), Tensor()};
@@ -592,7 +592,9 @@ SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& po
                                std::to_string(V) + "); the data was tokenized for another model (check vocab_size)");
   }
   Tensor rows = hidden.reshape({N, C}).index_select(0, pos.to(hidden.device()));  // (M, C)
-  auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight.detach() : Tensor(), tok, seq, sequences);
+  // No weight: an empty placeholder (autograd records every tensor input; undefined ones are refused).
+  auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight.detach() : torch::empty({0}, hidden.options()), tok, seq,
+                                sequences);
   return SeqLogps{out[0], out[1], out[2]};
 }
 
