@@ -73,7 +73,8 @@ endfunction()
 # dpo_add_test(name SOURCES t.cpp ... DEPS lib ... [TORCH] [LABEL unit|mpi|...] [NP n]
 #              [TIMEOUT s] [ARGS ...])
 # One GoogleTest executable in build/tests. Without NP: each TEST is its own ctest
-# case (label unit by default). With NP n: the whole executable runs under
+# case (label unit by default), listed when ctest runs (PRE_TEST: a loaded machine
+# cannot fail the build by timing out the listing). With NP n: the whole executable runs under
 # mpirun -np n as one case named <name>_np<n> (label mpi); call again with another
 # NP to add more rank counts of the same executable.
 function(dpo_add_test name)
@@ -102,6 +103,6 @@ function(dpo_add_test name)
   else()
     include(GoogleTest)
     gtest_discover_tests(${name} EXTRA_ARGS ${A_ARGS} PROPERTIES LABELS ${A_LABEL} TIMEOUT ${A_TIMEOUT}
-                         DISCOVERY_TIMEOUT 60)
+                         DISCOVERY_TIMEOUT 300 DISCOVERY_MODE PRE_TEST)
   endif()
 endfunction()

@@ -18,62 +18,250 @@ using torch::Tensor;
 }  // namespace
 
 const std::vector<std::string>& dpo_loss_types() {
-  static const std::vector<std::string> k{"sigmoid", "ipo", "hinge", "robust"};
+  // The first four keep their order: error messages have always listed them so.
+  static const std::vector<std::string> k{"sigmoid",   "ipo",      "hinge",     "robust",   "exo_pair",
+                                          "nca_pair",  "bco_pair", "sppo_hard", "aot",      "aot_unpaired",
+                                          "apo_zero",  "apo_down", "discopop",  "sigmoid_norm", "sft"};
   return k;
+}
+
+bool dpo_is_global_term(const std::string& type) { return type == "aot" || type == "aot_unpaired"; }
+
+namespace {
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& t : v) out += (out.empty() ? "" : ", ") + t;
+  return out;
+}
+
+// Split at commas; whitespace around names is ignored, empty names are errors.
+std::vector<std::string> split_types(const std::string& list) {
+  std::vector<std::string> out;
+  size_t b = 0;
+  while (true) {
+    const size_t e = list.find(',', b);
+    std::string t = list.substr(b, e == std::string::npos ? std::string::npos : e - b);
+    const size_t f = t.find_first_not_of(" \t"), l = t.find_last_not_of(" \t");
+    t = f == std::string::npos ? "" : t.substr(f, l - f + 1);
+    if (t.empty()) {
+      throw std::runtime_error("--loss_type '" + list + "' has an empty entry; give loss types separated by commas, "
+                               "e.g. sigmoid,bco_pair,sft");
+    }
+    out.push_back(t);
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  return out;
+}
+
+bool uses_label_smoothing(const std::string& t) {
+  return t == "sigmoid" || t == "robust" || t == "exo_pair" || t == "aot" || t == "aot_unpaired";
+}
+
+}  // namespace
+
+std::vector<DpoLossTerm> dpo_loss_terms(const DpoOptions& o) {
+  const auto names = split_types(o.loss_type);
+  const auto& types = dpo_loss_types();
+  for (const auto& n : names) {
+    if (std::find(types.begin(), types.end(), n) == types.end()) {
+      throw std::runtime_error("--loss_type '" + n + "' is not supported; use one of: " + join(types) +
+                               " (or a comma-separated mixture of them)");
+    }
+  }
+  if (!o.loss_weights.empty() && o.loss_weights.size() != names.size()) {
+    throw std::runtime_error("--loss_weights has " + std::to_string(o.loss_weights.size()) + " value(s) for " +
+                             std::to_string(names.size()) + " loss type(s) in --loss_type " + o.loss_type +
+                             "; give one weight per loss type (or none: 1 each)");
+  }
+  std::vector<DpoLossTerm> out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const double w = o.loss_weights.empty() ? 1.0 : o.loss_weights[i];
+    if (!std::isfinite(w)) {
+      throw std::runtime_error("--loss_weights: weight " + std::to_string(i + 1) + " (for " + names[i] +
+                               ") must be a finite number");
+    }
+    out.push_back({names[i], w});
+  }
+  return out;
+}
+
+bool dpo_has_global_terms(const DpoOptions& o) {
+  for (const auto& t : dpo_loss_terms(o))
+    if (dpo_is_global_term(t.type)) return true;
+  return false;
 }
 
 void validate_dpo_options(const DpoOptions& o) {
   if (!std::isfinite(o.beta) || o.beta <= 0) {
     throw std::runtime_error("--beta must be a finite number > 0 (TRL uses 0.1); got " + std::to_string(o.beta));
   }
-  const auto& types = dpo_loss_types();
-  if (std::find(types.begin(), types.end(), o.loss_type) == types.end()) {
-    std::string list;
-    for (const auto& t : types) list += (list.empty() ? "" : ", ") + t;
-    throw std::runtime_error("--loss_type '" + o.loss_type + "' is not supported; use one of: " + list);
-  }
+  const auto terms = dpo_loss_terms(o);
   if (!std::isfinite(o.label_smoothing) || o.label_smoothing < 0 || o.label_smoothing >= 0.5) {
     throw std::runtime_error("--label_smoothing must be in [0, 0.5) (the robust loss divides by 1 - 2 * "
                              "label_smoothing); got " + std::to_string(o.label_smoothing));
   }
-  if (o.label_smoothing > 0 && (o.loss_type == "hinge" || o.loss_type == "ipo")) {
+  bool smoothing_used = false, exo = false;
+  for (const auto& t : terms) {
+    smoothing_used |= uses_label_smoothing(t.type);
+    exo |= t.type == "exo_pair";
+  }
+  if (o.label_smoothing > 0 && !smoothing_used) {
     // TRL warns and ignores it; silently ignoring an option is worse than refusing it.
     throw std::runtime_error("--label_smoothing is not used by --loss_type " + o.loss_type +
-                             "; set it to 0 or use --loss_type sigmoid or robust");
+                             "; set it to 0 or use a loss type that uses it (sigmoid, robust, exo_pair, aot, "
+                             "aot_unpaired)");
+  }
+  if (exo && o.label_smoothing <= 0) {
+    throw std::runtime_error("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon; the EXO paper "
+                             "recommends 1e-3)");
   }
   if (!std::isfinite(o.rpo_alpha) || o.rpo_alpha < 0) {
     throw std::runtime_error("--rpo_alpha must be a finite number >= 0 (0 = off); got " + std::to_string(o.rpo_alpha));
   }
+  if (!std::isfinite(o.discopop_tau) || o.discopop_tau <= 0) {
+    throw std::runtime_error("--discopop_tau must be a finite number > 0 (the DiscoPOP paper uses 0.05); got " +
+                             std::to_string(o.discopop_tau));
+  }
+}
+
+namespace {
+
+// Sorted values of a (B) tensor; differentiable (the gradient goes back to each
+// element's original position). Stable, so equal values keep their order.
+Tensor sorted(const Tensor& t) { return std::get<0>(at::sort(t, /*stable=*/true, /*dim=*/0, /*descending=*/false)); }
+
+// (B) log-ratio divided by the answer lengths when they are given (TRL 1.x's ipo /
+// sigmoid_norm: clamp(min=1)).
+Tensor per_token(const Tensor& logratio, const Tensor& len) {
+  if (!len.defined()) return logratio;
+  return logratio / len.to(logratio.options()).clamp_min(1);
+}
+
+}  // namespace
+
+Tensor dpo_loss_term(const std::string& type, const PairLogps& p, const DpoOptions& opts) {
+  for (const Tensor* t : {&p.pol_c, &p.pol_r, &p.ref_c, &p.ref_r}) {
+    if (!t->defined() || t->dim() != 1 || t->size(0) != p.pol_c.size(0)) {
+      throw std::runtime_error("dpo_loss: policy and reference logps must all be (B) tensors of one size; got " +
+                               (t->defined() ? shape_str(*t) : std::string("undefined")) + " vs " +
+                               shape_str(p.pol_c));
+    }
+  }
+  const auto o = p.pol_c.options();
+  const Tensor rc = p.ref_c.to(o).detach(), rr = p.ref_r.to(o).detach();
+  const double beta = opts.beta, ls = opts.label_smoothing;
+  const Tensor chosen_lr = p.pol_c - rc, rejected_lr = p.pol_r - rr;  // TRL: chosen/rejected_logratios
+  const Tensor l = (p.pol_c - p.pol_r) - (rc - rr);                   // TRL 1.x: delta_score
+  if (type == "sigmoid") {
+    // cDPO label smoothing (TRL <= 0.x; TRL 1.x's sigmoid has none: identical at ls = 0)
+    return -at::log_sigmoid(beta * l) * (1 - ls) - at::log_sigmoid(-beta * l) * ls;
+  }
+  if (type == "robust") return (-at::log_sigmoid(beta * l) * (1 - ls) + at::log_sigmoid(-beta * l) * ls) / (1 - 2 * ls);
+  if (type == "hinge") return at::relu(1 - beta * l);
+  if (type == "ipo") {
+    // eq. 17 of the IPO paper, beta is its tau; per-token log-ratios when lengths are given
+    const Tensor d = per_token(chosen_lr, p.len_c) - per_token(rejected_lr, p.len_r);
+    return (d - 1 / (2 * beta)).pow(2);
+  }
+  if (type == "exo_pair") {
+    // EXO (eq. 16), K = 2: KL(softmax(beta * scores) || [1 - eps, eps])
+    const double eps = ls;
+    const Tensor z = beta * l;
+    return at::sigmoid(z) * (at::log_sigmoid(z) - std::log1p(-eps)) +
+           at::sigmoid(-z) * (at::log_sigmoid(-z) - std::log(eps));
+  }
+  if (type == "nca_pair") {
+    const Tensor cr = beta * chosen_lr, rj = beta * rejected_lr;
+    return -at::log_sigmoid(cr) - 0.5 * at::log_sigmoid(-cr) - 0.5 * at::log_sigmoid(-rj);
+  }
+  if (type == "bco_pair") {
+    // TRL 1.x: no running reward mean (TRL 0.x subtracted one; see docs/objective.md)
+    return -at::log_sigmoid(beta * chosen_lr) - at::log_sigmoid(-(beta * rejected_lr));
+  }
+  if (type == "sppo_hard") return (chosen_lr - 0.5 / beta).pow(2) + (rejected_lr + 0.5 / beta).pow(2);
+  if (type == "aot" || type == "aot_unpaired") {
+    const Tensor d = type == "aot" ? sorted(p.pol_c - p.pol_r) - sorted(rc - rr) : sorted(chosen_lr) - sorted(rejected_lr);
+    return -at::log_sigmoid(beta * d) * (1 - ls) - at::log_sigmoid(-beta * d) * ls;
+  }
+  if (type == "apo_zero") return (1 - at::sigmoid(beta * chosen_lr)) + at::sigmoid(beta * rejected_lr);
+  if (type == "apo_down") return at::sigmoid(beta * chosen_lr) + (1 - at::sigmoid(beta * l));
+  if (type == "discopop") {
+    const Tensor z = beta * l;
+    const Tensor m = at::sigmoid(z / opts.discopop_tau);
+    return -at::log_sigmoid(z) * (1 - m) + at::exp(-z) * m;
+  }
+  if (type == "sigmoid_norm") {
+    return -at::log_sigmoid(beta * (per_token(chosen_lr, p.len_c) - per_token(rejected_lr, p.len_r)));
+  }
+  throw std::runtime_error("dpo_loss: loss type '" + type + "' has no per-pair formula (use one of: " +
+                           join(dpo_loss_types()) + ", but not sft)");
 }
 
 DpoOutput dpo_loss(const Tensor& pol_c, const Tensor& pol_r, const Tensor& ref_c, const Tensor& ref_r,
                    const DpoOptions& opts) {
   validate_dpo_options(opts);
-  for (const Tensor* t : {&pol_c, &pol_r, &ref_c, &ref_r}) {
-    if (!t->defined() || t->dim() != 1 || t->size(0) != pol_c.size(0)) {
-      throw std::runtime_error("dpo_loss: policy and reference logps must all be (B) tensors of one size; got " +
-                               (t->defined() ? shape_str(*t) : std::string("undefined")) + " vs " +
-                               shape_str(pol_c));
+  const auto terms = dpo_loss_terms(opts);
+  if (terms.size() != 1 || terms[0].type == "sft") {
+    throw std::runtime_error("dpo_loss: takes one loss type other than sft; got '" + opts.loss_type +
+                             "' (mixtures and sft go through dpo_batch_loss)");
+  }
+  PairLogps p{pol_c, pol_r, ref_c, ref_r, Tensor(), Tensor()};
+  DpoOutput out;
+  out.losses = dpo_loss_term(terms[0].type, p, opts);
+  const auto o = pol_c.options();
+  out.chosen_rewards = (opts.beta * (pol_c - ref_c.to(o))).detach();
+  out.rejected_rewards = (opts.beta * (pol_r - ref_r.to(o))).detach();
+  return out;
+}
+
+DpoGlobalTerms dpo_global_terms(const std::vector<double>& pc, const std::vector<double>& pr,
+                                const std::vector<double>& rc, const std::vector<double>& rr, const DpoOptions& opts) {
+  validate_dpo_options(opts);
+  const size_t n = pc.size();
+  if (pr.size() != n || rc.size() != n || rr.size() != n) {
+    throw std::runtime_error("dpo_global_terms: the four log-prob vectors must have one length");
+  }
+  DpoGlobalTerms out;
+  out.grad_c.assign(n, 0.0);
+  out.grad_r.assign(n, 0.0);
+  const double beta = opts.beta, ls = opts.label_smoothing;
+  auto log_sigmoid = [](double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); };
+  auto sigmoid = [](double x) { return x >= 0 ? 1 / (1 + std::exp(-x)) : std::exp(x) / (1 + std::exp(x)); };
+  // f(d) = -log σ(βd)(1-ε) - log σ(-βd)ε;  f'(d) = -β(1-ε)σ(-βd) + βεσ(βd)
+  auto f = [&](double d) { return -log_sigmoid(beta * d) * (1 - ls) - log_sigmoid(-beta * d) * ls; };
+  auto df = [&](double d) { return -beta * (1 - ls) * sigmoid(-beta * d) + beta * ls * sigmoid(beta * d); };
+  // Positions of a stable ascending sort: order[j] = index of the j-th smallest.
+  auto order_of = [&](const std::vector<double>& v) {
+    std::vector<size_t> idx(n);
+    for (size_t i = 0; i < n; ++i) idx[i] = i;
+    std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return v[a] < v[b]; });
+    return idx;
+  };
+  for (const auto& t : dpo_loss_terms(opts)) {
+    if (!dpo_is_global_term(t.type)) continue;
+    std::vector<double> a(n), b(n);  // the two sorted quantities; d_j = a_(j) - b_(j)
+    for (size_t i = 0; i < n; ++i) {
+      if (t.type == "aot") {
+        a[i] = pc[i] - pr[i];  // policy log-ratio chosen vs rejected
+        b[i] = rc[i] - rr[i];  // reference log-ratio
+      } else {
+        a[i] = pc[i] - rc[i];  // chosen log-ratio to the reference
+        b[i] = pr[i] - rr[i];  // rejected log-ratio
+      }
+    }
+    const auto oa = order_of(a), ob = order_of(b);
+    for (size_t j = 0; j < n; ++j) {
+      const double d = a[oa[j]] - b[ob[j]];
+      out.loss_sum += t.weight * f(d);
+      const double g = t.weight * df(d);
+      // aot: a = pc - pr (b has no policy term); aot_unpaired: a = pc - rc, b = pr - rr.
+      out.grad_c[oa[j]] += g;
+      if (t.type == "aot") out.grad_r[oa[j]] -= g;
+      else out.grad_r[ob[j]] -= g;
     }
   }
-  const auto o = pol_c.options();
-  const Tensor rc = ref_c.to(o).detach(), rr = ref_r.to(o).detach();
-  const double beta = opts.beta, ls = opts.label_smoothing;
-  const Tensor l = (pol_c - pol_r) - (rc - rr);
-  Tensor losses;
-  if (opts.loss_type == "sigmoid") {
-    losses = -at::log_sigmoid(beta * l) * (1 - ls) - at::log_sigmoid(-beta * l) * ls;
-  } else if (opts.loss_type == "robust") {
-    losses = (-at::log_sigmoid(beta * l) * (1 - ls) + at::log_sigmoid(-beta * l) * ls) / (1 - 2 * ls);
-  } else if (opts.loss_type == "hinge") {
-    losses = at::relu(1 - beta * l);
-  } else {  // ipo: eq. 17 of the IPO paper, beta is its tau
-    losses = (l - 1 / (2 * beta)).pow(2);
-  }
-  DpoOutput out;
-  out.losses = losses;
-  out.chosen_rewards = (beta * (pol_c - rc)).detach();
-  out.rejected_rewards = (beta * (pol_r - rr)).detach();
   return out;
 }
 
@@ -149,35 +337,61 @@ DpoStepLoss dpo_batch_loss(const SeqLogps& s, const Tensor& ref_logps, const Dpo
     throw std::runtime_error("dpo_batch_loss: ref_logps must be (2B) = (" + std::to_string(R) +
                              ") summed reference log-probs [chosen; rejected]; got " + shape_str(ref_logps));
   }
-  const bool ipo = opts.loss_type == "ipo";
+  const auto terms = dpo_loss_terms(opts);
+  // "ipo" alone keeps its TRL 0.x form: every log-prob (and so the rewards and the
+  // logps/* metrics) length-averaged. Everything else follows TRL 1.x: summed log-probs.
+  const bool ipo = terms.size() == 1 && terms[0].type == "ipo";
   Tensor all = ipo ? average_by_length(s.logps, s.token_counts) : s.logps;  // (2B)
   Tensor ref = ref_logps.defined() ? ref_logps.to(all.options()).detach() : at::zeros_like(all).detach();
   if (ipo && ref_logps.defined()) ref = average_by_length(ref, s.token_counts);
 
-  DpoOutput d = dpo_loss(all.narrow(0, 0, B), all.narrow(0, B, B), ref.narrow(0, 0, B), ref.narrow(0, B, B), opts);
-  Tensor losses = d.losses;
+  const Tensor pol_c = all.narrow(0, 0, B), pol_r = all.narrow(0, B, B);
+  const Tensor ref_c = ref.narrow(0, 0, B), ref_r = ref.narrow(0, B, B);
+  // The chosen answers' token-mean NLL of this micro-batch: TRL's RPO term and "sft"
+  // loss type. Uses the summed logps even for ipo (TRL computes it from the logits).
   Tensor nll;
+  bool sft_term = false;
+  for (const auto& t : terms) sft_term |= t.type == "sft";
   const bool rpo = opts.rpo_alpha > 0;
+  if (rpo || sft_term) nll = token_mean_nll(s.logps.narrow(0, 0, B), s.token_counts.narrow(0, 0, B));
+
+  Tensor losses;
+  if (ipo) {
+    losses = dpo_loss(pol_c, pol_r, ref_c, ref_r, opts).losses;
+  } else {
+    const Tensor counts = s.token_counts.to(all.options());
+    PairLogps p{pol_c, pol_r, ref_c, ref_r, counts.narrow(0, 0, B), counts.narrow(0, B, B)};
+    for (const auto& t : terms) {
+      if (opts.skip_global_terms && dpo_is_global_term(t.type)) continue;
+      // TRL 1.x: loss = sum_k weight_k * mean(per_sequence_loss_k); sft's scalar is
+      // expanded to every pair, so the mean over pairs gives it back.
+      const Tensor term = t.type == "sft" ? nll.expand({B}) : dpo_loss_term(t.type, p, opts);
+      const Tensor weighted = t.weight == 1.0 ? term : term * t.weight;
+      losses = losses.defined() ? losses + weighted : weighted;
+    }
+    if (!losses.defined()) losses = at::zeros_like(pol_c) + 0 * pol_c;  // every term is global: added by the caller
+  }
+  const Tensor chosen_rewards = (opts.beta * (pol_c - ref_c)).detach();
+  const Tensor rejected_rewards = (opts.beta * (pol_r - ref_r)).detach();
   if (rpo) {
     // TRL (RPO, paper v3): cross-entropy over the chosen answer tokens of this
-    // micro-batch, token-weighted, added to every pair's loss. Uses the summed logps
-    // even for ipo (TRL computes it from the logits).
-    nll = token_mean_nll(s.logps.narrow(0, 0, B), s.token_counts.narrow(0, 0, B));
+    // micro-batch, token-weighted, added to every pair's loss.
     losses = losses + opts.rpo_alpha * nll;
   }
 
   DpoStepLoss out;
   out.losses = losses;
   out.loss = B > 0 ? losses.mean() : losses.sum();
-  out.chosen_logps = all.narrow(0, 0, B).detach();
-  out.rejected_logps = all.narrow(0, B, B).detach();
+  out.chosen_logps = pol_c.detach();
+  out.rejected_logps = pol_r.detach();
+  out.policy_logps = s.logps;
 
   // One device->host copy of everything the metrics need.
   const Tensor counts = s.token_counts.to(all.options());
   const Tensor logit_sums = s.mean_logits * counts;  // sum over answer positions of the V-mean
-  Tensor rows = at::stack({losses.detach(), d.chosen_rewards, d.rejected_rewards,
-                           (d.chosen_rewards > d.rejected_rewards).to(all.scalar_type()),
-                           d.chosen_rewards - d.rejected_rewards, out.chosen_logps, out.rejected_logps,
+  Tensor rows = at::stack({losses.detach(), chosen_rewards, rejected_rewards,
+                           (chosen_rewards > rejected_rewards).to(all.scalar_type()),
+                           chosen_rewards - rejected_rewards, out.chosen_logps, out.rejected_logps,
                            logit_sums.narrow(0, 0, B), logit_sums.narrow(0, B, B), counts.narrow(0, 0, B),
                            counts.narrow(0, B, B)})
                    .to(torch::kCPU, torch::kDouble)
@@ -196,7 +410,7 @@ DpoStepLoss dpo_batch_loss(const SeqLogps& s, const Tensor& ref_logps, const Dpo
   m.logits_rejected_sum = v[8];
   m.chosen_tokens = v[9];
   m.rejected_tokens = v[10];
-  if (rpo) {
+  if (nll.defined()) {
     m.nll_tokens = m.chosen_tokens;
     m.nll_sum = nll.detach().to(torch::kCPU, torch::kDouble).item<double>() * m.nll_tokens;
   }

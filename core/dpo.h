@@ -22,20 +22,69 @@ namespace dpo {
 struct DpoOptions {
   /// Temperature of the implicit reward; > 0 (IPO: the regulariser tau).
   double beta = 0.1;
-  /// sigmoid | ipo | hinge | robust.
+  /// One loss type (dpo_loss_types()) or a comma-separated mixture, e.g.
+  /// "sigmoid,bco_pair,sft" (TRL's MPO recipe): loss = sum_k weight_k * mean(term_k).
   std::string loss_type = "sigmoid";
-  /// cDPO / robust DPO label noise in [0, 0.5); only sigmoid and robust use it.
+  /// Weights of the mixture's terms, one per loss type; empty = 1 each (TRL's default).
+  std::vector<double> loss_weights;
+  /// Label noise in [0, 0.5): cDPO (sigmoid), robust, exo_pair (its epsilon, > 0),
+  /// aot and aot_unpaired use it.
   double label_smoothing = 0.0;
   /// Weight of the RPO term (mean NLL of the chosen answers); 0 = off.
   double rpo_alpha = 0.0;
+  /// DiscoPOP's temperature tau (> 0), used by loss_type discopop.
+  double discopop_tau = 0.05;
+  /// Set by a caller that adds the global-batch terms (aot, aot_unpaired) itself
+  /// through dpo_global_terms: dpo_batch_loss then leaves them out of `losses`.
+  bool skip_global_terms = false;
 };
 
 /// The loss types dpo_loss accepts, in the order error messages list them.
 const std::vector<std::string>& dpo_loss_types();
 
+/// One term of a loss mixture.
+struct DpoLossTerm {
+  std::string type;
+  double weight = 1.0;
+};
+/// opts.loss_type split at commas, paired with opts.loss_weights (validated).
+std::vector<DpoLossTerm> dpo_loss_terms(const DpoOptions& opts);
+/// True when a term sorts over the batch (aot, aot_unpaired): its loss couples all
+/// pairs of a batch, so a trainer computes it over the whole global batch.
+bool dpo_is_global_term(const std::string& type);
+bool dpo_has_global_terms(const DpoOptions& opts);
+
 /// Throws std::runtime_error naming the option (--beta, --loss_type,
-/// --label_smoothing, --rpo_alpha) and the valid values.
+/// --loss_weights, --label_smoothing, --rpo_alpha, --discopop_tau) and the valid values.
 void validate_dpo_options(const DpoOptions& opts);
+
+/// Per-pair inputs of one loss term, all (B) tensors of the policy's dtype/device.
+struct PairLogps {
+  torch::Tensor pol_c, pol_r;  // policy logps of the chosen / rejected answers
+  torch::Tensor ref_c, ref_r;  // reference logps (detached)
+  /// Answer token counts; "ipo" and "sigmoid_norm" divide the log-ratios by them
+  /// (clamped to >= 1, as TRL 1.x). Undefined: those terms use the log-ratios as given.
+  torch::Tensor len_c, len_r;
+};
+
+/// One term of TRL 1.x's DPOTrainer._compute_loss (not "sft"), per pair (B) (for
+/// aot/aot_unpaired: per position of the sorted batch). Differentiable w.r.t. the
+/// policy logps. docs/objective.md has every formula and its paper.
+torch::Tensor dpo_loss_term(const std::string& type, const PairLogps& p, const DpoOptions& opts);
+
+/// The global-batch terms (aot, aot_unpaired) of opts over N pairs gathered from every
+/// micro-batch and rank: the SUM over the N sorted positions of sum_k weight_k *
+/// term_k, and its derivative w.r.t. every pair's policy logps (for a backward of
+/// sum_i grad_c[i] * pol_c[i] + grad_r[i] * pol_r[i]). Ties keep their order (stable
+/// sort); the trainer passes the pairs in the global batch's order (rank by rank, each
+/// rank's slice is contiguous), so the result does not depend on the world size.
+struct DpoGlobalTerms {
+  double loss_sum = 0;
+  std::vector<double> grad_c, grad_r;  // (N)
+};
+DpoGlobalTerms dpo_global_terms(const std::vector<double>& pol_c, const std::vector<double>& pol_r,
+                                const std::vector<double>& ref_c, const std::vector<double>& ref_r,
+                                const DpoOptions& opts);
 
 /// Per-pair DPO losses and the (detached) implicit rewards.
 struct DpoOutput {
@@ -44,9 +93,10 @@ struct DpoOutput {
   torch::Tensor rejected_rewards;  // (B) detached: beta * (pol_r - ref_r)
 };
 
-/// TRL's DPOTrainer.dpo_loss for the loss types above (no RPO term), with
-/// l = (pol_c - pol_r) - (ref_c - ref_r). The reference tensors are converted to the
-/// policy's dtype and device. For "ipo" pass length-averaged logps (average_by_length).
+/// TRL's DPOTrainer.dpo_loss for ONE loss type (not a mixture, not "sft"; no RPO
+/// term), with l = (pol_c - pol_r) - (ref_c - ref_r). The reference tensors are
+/// converted to the policy's dtype and device. For "ipo" (and "sigmoid_norm") pass
+/// length-averaged logps (average_by_length).
 DpoOutput dpo_loss(const torch::Tensor& pol_c,  // (B) policy logps of the chosen answers
                    const torch::Tensor& pol_r,  // (B) policy logps of the rejected answers
                    const torch::Tensor& ref_c,  // (B) reference logps, chosen
@@ -69,8 +119,8 @@ struct DpoMetrics {
   double logits_rejected_sum = 0;     // same, rejected
   double chosen_tokens = 0;           // answer tokens of the chosen rows
   double rejected_tokens = 0;         // answer tokens of the rejected rows
-  double nll_sum = 0;                 // RPO only: sum of chosen-token NLLs
-  double nll_tokens = 0;              // RPO only: chosen tokens counted in nll_sum (0 = RPO off)
+  double nll_sum = 0;                 // RPO or sft term: sum of chosen-token NLLs
+  double nll_tokens = 0;              // RPO or sft term: chosen tokens counted in nll_sum (0 = off)
 
   static constexpr int64_t kNumFields = 14;
   /// The fields in declaration order (for one allreduce of kNumFields doubles).
@@ -93,13 +143,20 @@ struct DpoStepLoss {
   torch::Tensor losses;          // (B) per-pair loss incl. rpo_alpha * nll, differentiable
   torch::Tensor chosen_logps;    // (B) detached policy logps as fed to the loss
   torch::Tensor rejected_logps;  // (B) detached, same
+  /// (2B) [chosen; rejected] summed policy logps from sequence_logps, still attached to
+  /// the logits: a caller adding dpo_global_terms back-propagates its coefficients here.
+  torch::Tensor policy_logps;
   DpoMetrics metrics;            // sums over this micro-batch
 };
 
 /// TRL's concatenated_forward + get_batch_loss_metrics on one micro-batch:
-/// sequence_logps of the policy logits, (ipo: divided by the answer lengths),
+/// sequence_logps of the policy logits, (ipo alone: divided by the answer lengths),
 /// dpo_loss against ref_logps, plus rpo_alpha * token_mean_nll(chosen rows) added to
 /// every pair's loss (TRL's RPO: the NLL is token-weighted within the micro-batch).
+/// A mixture (several loss types, or one new type) follows TRL 1.x's _compute_loss:
+/// per-pair loss = sum_k weight_k * term_k with summed log-probs ("ipo" and
+/// "sigmoid_norm" terms divide by the answer lengths themselves, "sft" is the
+/// micro-batch's token-mean chosen NLL given to every pair).
 /// ref_logps: SUMMED reference log-probs, (2B) = [chosen; rejected], as
 /// sequence_logps(reference logits).logps or the HDF5 /ref_logps columns; for ipo
 /// they are divided by the same answer lengths here. Undefined = reference-free

@@ -16,8 +16,8 @@ namespace {
 
 }  // namespace
 
-FrozenLinearImpl::FrozenLinearImpl(int64_t in_features, int64_t out_features)
-    : in_(in_features), out_(out_features) {
+FrozenLinearImpl::FrozenLinearImpl(int64_t in_features, int64_t out_features, bool bias)
+    : in_(in_features), out_(out_features), has_bias_(bias) {
   if (in_features <= 0 || out_features <= 0)
     throw std::runtime_error("FrozenLinear: in_features and out_features must be positive, got " +
                              std::to_string(in_features) + " and " + std::to_string(out_features));
@@ -37,6 +37,7 @@ void FrozenLinearImpl::set_weight(const torch::Tensor& weight, const QuantOption
     weight_ = weight.detach().to(opts.compute_dtype).contiguous().clone();
     weight_.set_requires_grad(false);
   }
+  if (bias_.defined()) bias_ = bias_.to(opts.compute_dtype);
 }
 
 void FrozenLinearImpl::set_weight_nf4(Nf4Tensor w, const QuantOptions& opts) {
@@ -49,9 +50,32 @@ void FrozenLinearImpl::set_weight_nf4(Nf4Tensor w, const QuantOptions& opts) {
   const torch::Device dev = weight_.defined() ? weight_.device() : nf4_ ? nf4_->device() : w.device();
   nf4_ = w.device() == dev ? std::move(w) : nf4_to(w, dev);
   weight_ = torch::Tensor();
+  if (bias_.defined()) bias_ = bias_.to(opts_.compute_dtype);
+}
+
+void FrozenLinearImpl::set_bias(const torch::Tensor& bias) {
+  if (!has_bias_) throw std::runtime_error("FrozenLinear: this projection has no bias");
+  if (bias.dim() != 1 || bias.size(0) != out_)
+    throw std::runtime_error("FrozenLinear: bias of shape " + shape_str(bias) + ", expected " + std::to_string(out_));
+  if (!at::isFloatingType(bias.scalar_type())) throw std::runtime_error("FrozenLinear: bias is not floating point");
+  const torch::Device dev = weight_.defined() ? weight_.device() : nf4_ ? nf4_->device() : bias.device();
+  bias_ = bias.detach().to(dev, opts_.compute_dtype).contiguous().clone();
+  bias_.set_requires_grad(false);
 }
 
 void FrozenLinearImpl::load(const TensorLookup& lookup, const std::string& prefix, const QuantOptions& opts) {
+  load_weight(lookup, prefix, opts);
+  if (!has_bias_) return;
+  auto b = lookup(prefix + ".bias");
+  if (!b) throw std::runtime_error("missing tensor " + prefix + ".bias");
+  try {
+    set_bias(*b);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("tensor " + prefix + ".bias: " + e.what());
+  }
+}
+
+void FrozenLinearImpl::load_weight(const TensorLookup& lookup, const std::string& prefix, const QuantOptions& opts) {
   if (nf4_bnb_present(lookup, prefix)) {
     Nf4Tensor w = nf4_from_bnb(lookup, prefix);
     if (w.shape.size() != 2 || w.shape[0] != out_ || w.shape[1] != in_) {
@@ -87,6 +111,10 @@ torch::Tensor FrozenLinearImpl::base_forward(const torch::Tensor& x) {
 
 torch::Tensor FrozenLinearImpl::forward(const torch::Tensor& x) {
   torch::Tensor y = base_forward(x);
+  if (has_bias_) {
+    if (!bias_.defined()) throw std::runtime_error("FrozenLinear: forward before the bias was set");
+    y = y + bias_;
+  }
   if (!has_lora() || !lora_enabled_) return y;
   // PEFT lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling, x cast to lora_A's dtype.
   torch::Tensor xa = x.scalar_type() == lora_A_.scalar_type() ? x : x.to(lora_A_.scalar_type());
@@ -106,9 +134,18 @@ const Nf4Tensor& FrozenLinearImpl::nf4_weight() const {
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> FrozenLinearImpl::base_state(const std::string& prefix) const {
-  if (nf4_) return nf4_to_bnb_tensors(*nf4_, prefix);
-  if (!weight_.defined()) throw std::runtime_error("FrozenLinear " + prefix + ": no base weight set");
-  return {{prefix + ".weight", weight_.to(torch::kCPU).contiguous()}};
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  if (nf4_) {
+    out = nf4_to_bnb_tensors(*nf4_, prefix);
+  } else {
+    if (!weight_.defined()) throw std::runtime_error("FrozenLinear " + prefix + ": no base weight set");
+    out.emplace_back(prefix + ".weight", weight_.to(torch::kCPU).contiguous());
+  }
+  if (has_bias_) {
+    if (!bias_.defined()) throw std::runtime_error("FrozenLinear " + prefix + ": no bias set");
+    out.emplace_back(prefix + ".bias", bias_.to(torch::kCPU).contiguous());
+  }
+  return out;
 }
 
 void FrozenLinearImpl::add_lora(const LoraConfig& cfg, at::Generator gen) {
@@ -186,6 +223,7 @@ void FrozenLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blo
   if (nf4_) nf4_ = nf4_to(*nf4_, device);
   opts_.compute_dtype = dtype;
   if (weight_.defined()) weight_ = weight_.to(device, dtype, non_blocking);
+  if (bias_.defined()) bias_ = bias_.to(device, dtype, non_blocking);
 }
 
 void FrozenLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
@@ -193,12 +231,14 @@ void FrozenLinearImpl::to(torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(dtype, non_blocking);
   opts_.compute_dtype = dtype;
   if (weight_.defined()) weight_ = weight_.to(dtype);
+  if (bias_.defined()) bias_ = bias_.to(dtype);
 }
 
 void FrozenLinearImpl::to(torch::Device device, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
   if (nf4_) nf4_ = nf4_to(*nf4_, device);
   if (weight_.defined()) weight_ = weight_.to(device, /*non_blocking=*/non_blocking);
+  if (bias_.defined()) bias_ = bias_.to(device, /*non_blocking=*/non_blocking);
 }
 
 }  // namespace dpo

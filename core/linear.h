@@ -5,8 +5,11 @@
 // Legend: N = rows of x (any leading dims flattened), I = in_features,
 // O = out_features, r = LoRA rank.
 //
+// An optional frozen bias (O) (Qwen2 q/k/v, Llama attention_bias/mlp_bias) stays
+// dense in the compute dtype also when the weight is NF4 (as bitsandbytes' Linear4bit).
+//
 // Parameters: only lora_A (r, I) and lora_B (O, r) are registered (trainable);
-// the base weight is not a parameter nor a buffer (an NF4 base must never be
+// the base weight and bias are neither parameters nor buffers (an NF4 base must never be
 // converted by Module::to(dtype)); the to() overrides move it explicitly.
 #pragma once
 #include <cstdint>
@@ -38,7 +41,7 @@ struct QuantOptions {
 
 class FrozenLinearImpl : public torch::nn::Module {
  public:
-  FrozenLinearImpl(int64_t in_features, int64_t out_features);
+  FrozenLinearImpl(int64_t in_features, int64_t out_features, bool bias = false);
 
   /// Sets the frozen base weight (O, I) of any float dtype; quantizes it when
   /// opts.load_in_4bit. The tensor is not kept (NF4) or converted to compute dtype.
@@ -47,17 +50,25 @@ class FrozenLinearImpl : public torch::nn::Module {
   /// Sets an already-quantized base (O, I).
   void set_weight_nf4(Nf4Tensor w, const QuantOptions& opts);
 
+  /// Sets the frozen bias (O) (converted to the compute dtype); only with has_bias().
+  void set_bias(const torch::Tensor& bias /* (O) */);
+
   /// Loads `<prefix>.weight` through lookup: dense, or the bitsandbytes 4-bit layout
   /// (recognised by `<prefix>.weight.absmax`; used as is when opts.load_in_4bit, else
-  /// dequantized). Throws std::runtime_error naming the missing/ill-shaped tensor.
+  /// dequantized), and `<prefix>.bias` when has_bias(). Throws std::runtime_error
+  /// naming the missing/ill-shaped tensor.
   void load(const TensorLookup& lookup, const std::string& prefix, const QuantOptions& opts);
 
-  /// x (..., I) -> (..., O): base(x) [+ scaling * (dropout(x) @ A^T) @ B^T when a
+  /// x (..., I) -> (..., O): base(x) [+ bias] [+ scaling * (dropout(x) @ A^T) @ B^T when a
   /// LoRA adapter is present and enabled; dropout only in training mode].
   torch::Tensor forward(const torch::Tensor& x);
 
   /// The base weight (O, I) in the compute dtype (dequantized if NF4). A copy for NF4.
   torch::Tensor dense_weight() const;
+
+  /// The frozen bias (O) in the compute dtype; undefined without one.
+  const torch::Tensor& bias() const { return bias_; }
+  bool has_bias() const { return has_bias_; }
 
   int64_t in_features() const { return in_; }
   int64_t out_features() const { return out_; }
@@ -69,7 +80,7 @@ class FrozenLinearImpl : public torch::nn::Module {
   const QuantOptions& quant_options() const { return opts_; }
 
   /// The checkpoint tensors of the base: `<prefix>.weight` (dense, compute dtype) or
-  /// the bitsandbytes 4-bit layout (see nf4_to_bnb_tensors). CPU tensors.
+  /// the bitsandbytes 4-bit layout (see nf4_to_bnb_tensors), then `<prefix>.bias`. CPU tensors.
   std::vector<std::pair<std::string, torch::Tensor>> base_state(const std::string& prefix) const;
 
   // ---- LoRA ---------------------------------------------------------------
@@ -94,7 +105,8 @@ class FrozenLinearImpl : public torch::nn::Module {
 
   /// dequant(W) + scaling * B @ A (O, I) in `dtype` (W alone without an adapter).
   torch::Tensor merged_weight(torch::ScalarType dtype) const;
-  /// Replaces the base by merged_weight (dense, compute dtype) and removes the adapter.
+  /// Replaces the base by merged_weight (dense, compute dtype) and removes the adapter
+  /// (the bias is unchanged: LoRA adds no bias).
   void merge_lora();
 
   // Module::to would also convert the uint8 NF4 data; these move the base explicitly.
@@ -104,9 +116,12 @@ class FrozenLinearImpl : public torch::nn::Module {
 
  private:
   torch::Tensor base_forward(const torch::Tensor& x);
+  void load_weight(const TensorLookup& lookup, const std::string& prefix, const QuantOptions& opts);
 
   int64_t in_, out_;
+  bool has_bias_;
   QuantOptions opts_;
+  torch::Tensor bias_;             // (O) compute dtype, frozen; undefined until set
   torch::Tensor weight_;           // (O, I) compute dtype, frozen (dense storage); undefined when NF4
   std::optional<Nf4Tensor> nf4_;   // (O, I) NF4 base when is_4bit()
   torch::Tensor lora_A_;           // (r, I) trainable, registered as "lora_A"

@@ -138,35 +138,75 @@ LlamaConfig llama_config_checked(LlamaConfig c, const std::string& what) {
   return c;
 }
 
+const char* llama_arch_model_type(LlamaArch a) {
+  switch (a) {
+    case LlamaArch::kLlama: return "llama";
+    case LlamaArch::kMistral: return "mistral";
+    case LlamaArch::kQwen2: return "qwen2";
+    case LlamaArch::kQwen3: return "qwen3";
+  }
+  return "?";
+}
+
+const char* llama_arch_class(LlamaArch a) {
+  switch (a) {
+    case LlamaArch::kLlama: return "LlamaForCausalLM";
+    case LlamaArch::kMistral: return "MistralForCausalLM";
+    case LlamaArch::kQwen2: return "Qwen2ForCausalLM";
+    case LlamaArch::kQwen3: return "Qwen3ForCausalLM";
+  }
+  return "?";
+}
+
+LlamaArch llama_arch_from_model_type(const std::string& name) {
+  for (LlamaArch a : {LlamaArch::kLlama, LlamaArch::kMistral, LlamaArch::kQwen2, LlamaArch::kQwen3})
+    if (name == llama_arch_model_type(a)) return a;
+  throw std::runtime_error("architecture \"" + name + "\" is not supported (llama, mistral, qwen2, qwen3)");
+}
+
 LlamaConfig llama_config_from_json(const json& j, const std::string& what) {
   if (!j.is_object()) throw std::runtime_error(what + ": not a JSON object");
-  static const std::set<std::string> kArch = {"LlamaForCausalLM", "MistralForCausalLM"};
+  static const char* kSupported =
+      "only LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM are supported";
+  std::optional<LlamaArch> arch;
   if (present(j, "architectures")) {
     const json& a = j.at("architectures");
     if (!a.is_array() || a.empty() || !a[0].is_string())
       field_fail(what, "architectures", "must be a non-empty list of names, got " + a.dump());
-    for (const auto& e : a)
-      if (!e.is_string() || !kArch.count(e.get<std::string>()))
-        field_fail(what, "architectures",
-                   "lists " + e.dump() + ": only LlamaForCausalLM and MistralForCausalLM are supported");
+    for (const auto& e : a) {
+      std::optional<LlamaArch> found;
+      for (LlamaArch x : {LlamaArch::kLlama, LlamaArch::kMistral, LlamaArch::kQwen2, LlamaArch::kQwen3})
+        if (e.is_string() && e.get<std::string>() == llama_arch_class(x)) found = x;
+      if (!found) field_fail(what, "architectures", "lists " + e.dump() + ": " + kSupported);
+      if (arch && *arch != *found) field_fail(what, "architectures", "lists two different architectures: " + a.dump());
+      arch = found;
+    }
   }
   if (present(j, "model_type")) {
     const json& m = j.at("model_type");
-    if (!m.is_string() || (m.get<std::string>() != "llama" && m.get<std::string>() != "mistral"))
-      field_fail(what, "model_type", "is " + m.dump() + ": only \"llama\" and \"mistral\" are supported");
+    std::optional<LlamaArch> mt;
+    for (LlamaArch x : {LlamaArch::kLlama, LlamaArch::kMistral, LlamaArch::kQwen2, LlamaArch::kQwen3})
+      if (m.is_string() && m.get<std::string>() == llama_arch_model_type(x)) mt = x;
+    if (!mt) field_fail(what, "model_type", "is " + m.dump() + ": only \"llama\", \"mistral\", \"qwen2\" and \"qwen3\" are supported");
+    if (arch && *arch != *mt)
+      field_fail(what, "model_type", "is " + m.dump() + " but architectures says " + llama_arch_class(*arch));
+    arch = mt;
   } else if (!present(j, "architectures")) {
-    field_fail(what, "architectures", "is missing (and so is model_type): cannot tell that this is a Llama model");
+    field_fail(what, "architectures", "is missing (and so is model_type): cannot tell which architecture this is");
   }
 
   LlamaConfig c;
   c.raw = j;
+  c.arch = *arch;
+  const bool qwen = c.arch == LlamaArch::kQwen2 || c.arch == LlamaArch::kQwen3;
   c.hidden_size = get_int(j, what, "hidden_size", std::nullopt);
   c.intermediate_size = get_int(j, what, "intermediate_size", std::nullopt);
   c.num_hidden_layers = get_int(j, what, "num_hidden_layers", std::nullopt);
   c.num_attention_heads = get_int(j, what, "num_attention_heads", std::nullopt);
   c.vocab_size = get_int(j, what, "vocab_size", std::nullopt);
   c.num_key_value_heads = get_int(j, what, "num_key_value_heads", c.num_attention_heads);
-  c.head_dim = get_int(j, what, "head_dim", 0);
+  // Qwen3Config's head_dim defaults to 128; the others derive it from C / H.
+  c.head_dim = get_int(j, what, "head_dim", c.arch == LlamaArch::kQwen3 ? 128 : 0);
   c.rms_norm_eps = get_double(j, what, "rms_norm_eps", 1e-6);
   c.max_position_embeddings = get_int(j, what, "max_position_embeddings", 2048);
   c.tie_word_embeddings = get_bool(j, what, "tie_word_embeddings", false);
@@ -192,9 +232,14 @@ LlamaConfig llama_config_from_json(const json& j, const std::string& what) {
     if (!a.is_string() || a.get<std::string>() != "silu")
       field_fail(what, "hidden_act", "is " + a.dump() + ": only \"silu\" (SwiGLU) is implemented");
   }
-  if (get_bool(j, what, "attention_bias", false))
-    field_fail(what, "attention_bias", "is true: projections with biases are not implemented");
-  if (get_bool(j, what, "mlp_bias", false)) field_fail(what, "mlp_bias", "is true: projections with biases are not implemented");
+  // Biases as each modeling file builds its nn.Linear layers: Llama reads
+  // attention_bias (q, k, v, o) and mlp_bias; Qwen3 attention_bias; Qwen2 always
+  // has q/k/v biases; Mistral none (the fields are ignored where HF ignores them).
+  if (c.arch == LlamaArch::kLlama || c.arch == LlamaArch::kQwen3)
+    c.attention_bias = get_bool(j, what, "attention_bias", false);
+  if (c.arch == LlamaArch::kLlama) c.mlp_bias = get_bool(j, what, "mlp_bias", false);
+  c.qkv_bias = c.arch == LlamaArch::kQwen2;
+  c.qk_norm = c.arch == LlamaArch::kQwen3;
   if (get_double(j, what, "attention_dropout", 0.0) != 0.0)
     field_fail(what, "attention_dropout", "is not 0: attention dropout is not implemented");
   c.rope_theta = get_double(j, what, "rope_theta", 10000.0);
@@ -205,9 +250,38 @@ LlamaConfig llama_config_from_json(const json& j, const std::string& what) {
     c.rope_scaling = parse_rope_scaling(rp, what, "rope_parameters");
     if (present(rp, "rope_theta")) c.rope_theta = get_double(rp, what, "rope_theta", std::nullopt);
   }
-  if (present(j, "sliding_window") && !(present(j, "use_sliding_window") && !get_bool(j, what, "use_sliding_window", true)))
-    c.sliding_window = get_int(j, what, "sliding_window", std::nullopt);
+  // Sliding windows as transformers resolves them: Mistral slides every layer when
+  // sliding_window is set (MistralConfig's default is 4096 when the key is absent);
+  // Qwen2/Qwen3 only with use_sliding_window, and then the layers listed as
+  // "sliding_attention" in layer_types, else those >= max_window_layers (default 28).
+  // Llama has no sliding window.
+  if (c.arch == LlamaArch::kMistral) {
+    if (!j.contains("sliding_window")) c.sliding_window = 4096;
+    else if (present(j, "sliding_window") && !(present(j, "use_sliding_window") && !get_bool(j, what, "use_sliding_window", true)))
+      c.sliding_window = get_int(j, what, "sliding_window", std::nullopt);
+  } else if (qwen && get_bool(j, what, "use_sliding_window", false)) {
+    const int64_t window = j.contains("sliding_window") ? (present(j, "sliding_window") ? get_int(j, what, "sliding_window", std::nullopt) : 0)
+                                                        : 4096;
+    bool any_sliding = false;
+    if (present(j, "layer_types")) {
+      const json& lt = j.at("layer_types");
+      if (!lt.is_array()) field_fail(what, "layer_types", "must be a list of strings");
+      for (const auto& e : lt) any_sliding = any_sliding || (e.is_string() && e.get<std::string>() == "sliding_attention");
+    } else {
+      any_sliding = get_int(j, what, "max_window_layers", 28) < c.num_hidden_layers;
+    }
+    if (window > 0 && any_sliding) c.sliding_window = window;
+  }
   return llama_config_checked(c, what);
+}
+
+void llama_check_max_length(const LlamaConfig& cfg, int64_t max_length, const std::string& what) {
+  if (!cfg.sliding_window || max_length <= *cfg.sliding_window) return;
+  throw std::runtime_error(what + ": sequences of up to " + std::to_string(max_length) + " tokens (max_length) exceed the " +
+                           llama_arch_class(cfg.arch) + " sliding_window of " + std::to_string(*cfg.sliding_window) +
+                           " tokens; sliding-window attention is not implemented, so the model would attend further back "
+                           "than it was trained to: use max_length <= " +
+                           std::to_string(*cfg.sliding_window) + " (dpo_preprocess --max_length)");
 }
 
 LlamaConfig llama_config_load(const std::string& path) {
@@ -228,9 +302,9 @@ LlamaConfig llama_config_load(const std::string& path) {
 json llama_config_to_json(const LlamaConfig& cfg_in) {
   LlamaConfig c = llama_config_checked(cfg_in);
   json j = c.raw.is_object() ? c.raw : json::object();
-  for (const char* k : {"sliding_window", "use_sliding_window", "rope_parameters", "dtype", "_name_or_path"}) j.erase(k);
-  j["architectures"] = json::array({"LlamaForCausalLM"});
-  j["model_type"] = "llama";
+  for (const char* k : {"rope_parameters", "dtype", "_name_or_path"}) j.erase(k);
+  j["architectures"] = json::array({llama_arch_class(c.arch)});
+  j["model_type"] = llama_arch_model_type(c.arch);
   j["hidden_size"] = c.hidden_size;
   j["intermediate_size"] = c.intermediate_size;
   j["num_hidden_layers"] = c.num_hidden_layers;
@@ -262,11 +336,29 @@ json llama_config_to_json(const LlamaConfig& cfg_in) {
   if (!keep_eos_list) j["eos_token_id"] = c.eos_token_id;
   j["pad_token_id"] = c.pad_token_id ? json(*c.pad_token_id) : json(nullptr);
   j["initializer_range"] = c.initializer_range;
-  j["attention_bias"] = false;
-  j["mlp_bias"] = false;
   j["attention_dropout"] = 0.0;
-  if (!j.contains("pretraining_tp")) j["pretraining_tp"] = 1;
   if (!j.contains("use_cache")) j["use_cache"] = true;
+  switch (c.arch) {
+    case LlamaArch::kLlama:
+      j["attention_bias"] = c.attention_bias;
+      j["mlp_bias"] = c.mlp_bias;
+      if (!j.contains("pretraining_tp")) j["pretraining_tp"] = 1;
+      break;
+    case LlamaArch::kMistral:
+      // Absent means 4096 to MistralConfig: write the window we ran with.
+      j["sliding_window"] = c.sliding_window ? json(*c.sliding_window) : json(nullptr);
+      break;
+    case LlamaArch::kQwen3:
+      j["attention_bias"] = c.attention_bias;
+      [[fallthrough]];
+    case LlamaArch::kQwen2:
+      if (!c.sliding_window) {
+        j["use_sliding_window"] = false;
+        if (!j.contains("sliding_window")) j["sliding_window"] = nullptr;
+      }
+      if (!j.contains("max_window_layers")) j["max_window_layers"] = c.num_hidden_layers;
+      break;
+  }
   return j;
 }
 
@@ -334,20 +426,29 @@ torch::Tensor LlamaRMSNormImpl::forward(const torch::Tensor& x) {
   return weight * xf.to(x.scalar_type());
 }
 
-LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& cfg)
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& cfg, torch::ScalarType dtype)
     : num_heads(cfg.num_attention_heads), num_kv_heads(cfg.num_key_value_heads), head_dim(cfg.head_dim) {
   const int64_t C = cfg.hidden_size, HD = num_heads * head_dim, KD = num_kv_heads * head_dim;
-  q_proj = register_module("q_proj", FrozenLinear(C, HD));
-  k_proj = register_module("k_proj", FrozenLinear(C, KD));
-  v_proj = register_module("v_proj", FrozenLinear(C, KD));
-  o_proj = register_module("o_proj", FrozenLinear(HD, C));
+  const bool qkv_bias = cfg.attention_bias || cfg.qkv_bias;
+  q_proj = register_module("q_proj", FrozenLinear(C, HD, qkv_bias));
+  k_proj = register_module("k_proj", FrozenLinear(C, KD, qkv_bias));
+  v_proj = register_module("v_proj", FrozenLinear(C, KD, qkv_bias));
+  o_proj = register_module("o_proj", FrozenLinear(HD, C, cfg.attention_bias));
+  if (cfg.qk_norm) {
+    q_norm = register_module("q_norm", LlamaRMSNorm(head_dim, cfg.rms_norm_eps, dtype));
+    k_norm = register_module("k_norm", LlamaRMSNorm(head_dim, cfg.rms_norm_eps, dtype));
+  }
 }
 
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const AttentionInputs& in) {
   const int64_t B = x.size(0), T = x.size(1), H = num_heads, K = num_kv_heads, D = head_dim;
-  torch::Tensor q = q_proj(x).view({B, T, H, D});
-  torch::Tensor k = k_proj(x).view({B, T, K, D});
-  torch::Tensor v = v_proj(x).view({B, T, K, D});
+  torch::Tensor q = q_proj(x).reshape({B, T, H, D});
+  torch::Tensor k = k_proj(x).reshape({B, T, K, D});
+  if (q_norm) {  // Qwen3: RMSNorm over each head's D features, before RoPE
+    q = q_norm(q);
+    k = k_norm(k);
+  }
+  torch::Tensor v = v_proj(x).reshape({B, T, K, D});
   torch::Tensor c = in.cos.unsqueeze(2).to(q.scalar_type()), s = in.sin.unsqueeze(2).to(q.scalar_type());  // (B|1, T, 1, D)
   q = q * c + rotate_half(q) * s;
   k = k * c + rotate_half(k) * s;
@@ -361,9 +462,9 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const Attentio
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
-  gate_proj = register_module("gate_proj", FrozenLinear(cfg.hidden_size, cfg.intermediate_size));
-  up_proj = register_module("up_proj", FrozenLinear(cfg.hidden_size, cfg.intermediate_size));
-  down_proj = register_module("down_proj", FrozenLinear(cfg.intermediate_size, cfg.hidden_size));
+  gate_proj = register_module("gate_proj", FrozenLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias));
+  up_proj = register_module("up_proj", FrozenLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias));
+  down_proj = register_module("down_proj", FrozenLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias));
 }
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
@@ -372,7 +473,7 @@ torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& cfg, int64_t index_, torch::ScalarType dtype)
     : index(index_) {
-  self_attn = register_module("self_attn", LlamaAttention(cfg));
+  self_attn = register_module("self_attn", LlamaAttention(cfg, dtype));
   mlp = register_module("mlp", LlamaMLP(cfg));
   input_layernorm = register_module("input_layernorm", LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype));
   post_attention_layernorm =
@@ -410,7 +511,23 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& cfg, torch::ScalarType compute
 }
 
 torch::Tensor LlamaModelImpl::lm_head_weight() const {
+  if (mts_enabled_ && mts_head_.defined()) return mts_head_.scalar_type() == dtype_ ? mts_head_ : mts_head_.to(dtype_);
   return cfg_.tie_word_embeddings ? model->embed_tokens->weight : lm_head->weight;
+}
+
+torch::Tensor LlamaModelImpl::embed_weight() const {
+  if (mts_enabled_ && mts_embed_.defined()) return mts_embed_;
+  return model->embed_tokens->weight;
+}
+
+void LlamaModelImpl::set_modules_to_save(torch::Tensor embed, torch::Tensor head) {
+  for (const torch::Tensor* t : {&embed, &head})
+    if (t->defined() && (t->dim() != 2 || t->size(0) != cfg_.vocab_size || t->size(1) != cfg_.hidden_size))
+      throw std::runtime_error("LlamaModel::set_modules_to_save: a table must be (vocab_size, hidden_size) = (" +
+                               std::to_string(cfg_.vocab_size) + ", " + std::to_string(cfg_.hidden_size) + "), got " +
+                               c10::str(t->sizes()));
+  mts_embed_ = std::move(embed);
+  mts_head_ = std::move(head);
 }
 
 void LlamaModelImpl::set_layer_hook(LayerHook hook) {
@@ -431,7 +548,9 @@ torch::Tensor LlamaModelImpl::embed(const torch::Tensor& input_ids_in) {
       throw std::runtime_error("LlamaModel::forward: token id " + std::to_string(lo < 0 ? lo : hi) +
                                " outside the vocabulary [0, " + std::to_string(cfg_.vocab_size) + ")");
   }
-  return model->embed_tokens->weight.index_select(0, ids.reshape({-1})).view({B, T, C});  // (B, T, C)
+  torch::Tensor h = embed_weight().index_select(0, ids.reshape({-1})).view({B, T, C});  // (B, T, C)
+  if (h.scalar_type() != dtype_) h = h.to(dtype_);  // an fp32 trainable copy under a bf16 model
+  return h;
 }
 
 torch::Tensor LlamaModelImpl::run_layers(torch::Tensor h, const AttentionInputs& in) {
@@ -545,6 +664,10 @@ std::vector<std::pair<std::string, torch::Tensor>> dense_tables(LlamaModelImpl& 
     const std::string p = "model.layers." + std::to_string(layer->index) + ".";
     out.emplace_back(p + "input_layernorm.weight", layer->input_layernorm->weight);
     out.emplace_back(p + "post_attention_layernorm.weight", layer->post_attention_layernorm->weight);
+    if (layer->self_attn->q_norm) {
+      out.emplace_back(p + "self_attn.q_norm.weight", layer->self_attn->q_norm->weight);
+      out.emplace_back(p + "self_attn.k_norm.weight", layer->self_attn->k_norm->weight);
+    }
   }
   out.emplace_back("model.norm.weight", m.model->norm->weight);
   if (!m.config().tie_word_embeddings) out.emplace_back("lm_head.weight", m.lm_head->weight);
@@ -567,8 +690,10 @@ LlamaModel llama_load(const std::string& dir, const QuantOptions& q, torch::Devi
     std::vector<std::string> missing;
     for (const auto& [name, t] : tables)
       if (!ckpt.has(name)) missing.push_back(name);
-    for (const auto& [name, p] : projections)
+    for (const auto& [name, p] : projections) {
       if (!ckpt.has(name + ".weight")) missing.push_back(name + ".weight");
+      if (p->has_bias() && !ckpt.has(name + ".bias")) missing.push_back(name + ".bias");
+    }
     if (!missing.empty()) {
       std::string list;
       for (size_t i = 0; i < missing.size() && i < 12; ++i) list += (i ? ", " : "") + missing[i];
@@ -622,8 +747,10 @@ LlamaModel llama_init_random(const LlamaConfig& cfg_in, uint64_t seed, const Qua
     if (cfg.pad_token_id && *cfg.pad_token_id >= 0 && *cfg.pad_token_id < cfg.vocab_size) w[*cfg.pad_token_id].zero_();
     model->model->embed_tokens->weight.copy_(w);
   }
-  for (auto& [name, proj] : model->named_projections())
+  for (auto& [name, proj] : model->named_projections()) {
     proj->set_weight(normal(proj->out_features(), proj->in_features()), q);
+    if (proj->has_bias()) proj->set_bias(torch::zeros({proj->out_features()}));  // nn.Linear biases: HF zeroes them
+  }
   if (!cfg.tie_word_embeddings) model->lm_head->weight.copy_(normal(cfg.vocab_size, cfg.hidden_size));
   return model;
 }
@@ -650,8 +777,13 @@ void llama_save_hf(LlamaModel& model, const std::string& dir, torch::ScalarType 
     for (size_t i = 0; i < projections.size(); ++i) {
       FrozenLinear p = projections[i].second;
       items.push_back({projections[i].first + ".weight", {p->out_features(), p->in_features()}, [p] { return p->dense_weight(); }});
+      if (p->has_bias()) items.push_back({projections[i].first + ".bias", {p->out_features()}, [p] { return p->bias(); }});
       if (i % 7 == 6) {
         const std::string pre = "model.layers." + std::to_string(i / 7) + ".";
+        if (table_by_name.count(pre + "self_attn.q_norm.weight")) {
+          table_item(pre + "self_attn.q_norm.weight");
+          table_item(pre + "self_attn.k_norm.weight");
+        }
         table_item(pre + "input_layernorm.weight");
         table_item(pre + "post_attention_layernorm.weight");
       }

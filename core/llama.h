@@ -1,8 +1,13 @@
-// The Llama decoder (LlamaForCausalLM, and Mistral without an active sliding
-// window) as libtorch modules, computing exactly what Hugging Face transformers
-// computes: RMSNorm in fp32, RoPE in the rotate_half layout, grouped-query
-// attention with causal + padding masks, SwiGLU MLP. Reads and writes the HF
-// layout (config.json + safetensors, tensor names "model.layers.3.mlp.down_proj.weight").
+// The Llama-family decoder as libtorch modules, computing exactly what Hugging
+// Face transformers computes for LlamaForCausalLM, MistralForCausalLM,
+// Qwen2ForCausalLM and Qwen3ForCausalLM: RMSNorm in fp32, RoPE in the rotate_half
+// layout, grouped-query attention with causal + padding masks, SwiGLU MLP. The
+// four differ only in switches of LlamaConfig: projection biases (Qwen2: q/k/v;
+// Llama attention_bias / mlp_bias; Qwen3 attention_bias), an RMSNorm over each
+// head of q and k before RoPE (Qwen3), head_dim != C / H. Sliding-window attention
+// is not implemented: a window shorter than the sequence is refused.
+// Reads and writes the HF layout (config.json + safetensors, tensor names
+// "model.layers.3.mlp.down_proj.weight").
 //
 // Legend: B batch, T tokens, C hidden_size, F intermediate_size, V vocab_size,
 // H attention heads, K key/value heads (H % K == 0), D head_dim, L layers.
@@ -39,8 +44,18 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 0;   // llama3
 };
 
+/// The architectures of config.json "architectures" / "model_type" this code runs.
+enum class LlamaArch { kLlama, kMistral, kQwen2, kQwen3 };
+/// "llama" | "mistral" | "qwen2" | "qwen3" (config.json model_type).
+const char* llama_arch_model_type(LlamaArch a);
+/// "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM".
+const char* llama_arch_class(LlamaArch a);
+/// model_type name -> arch; throws naming the supported ones.
+LlamaArch llama_arch_from_model_type(const std::string& name);
+
 /// The fields of a HF Llama config.json this code uses (HF defaults where optional).
 struct LlamaConfig {
+  LlamaArch arch = LlamaArch::kLlama;
   int64_t hidden_size = 0;               // C
   int64_t intermediate_size = 0;         // F
   int64_t num_hidden_layers = 0;         // L
@@ -58,20 +73,32 @@ struct LlamaConfig {
   int64_t eos_token_id = 2;              // the first one when config.json lists several
   std::optional<int64_t> pad_token_id;
   double initializer_range = 0.02;       // std of the normal init
-  std::optional<int64_t> sliding_window; // Mistral: sequences must not exceed it
+  bool attention_bias = false;           // biases on q, k, v and o (Llama, Qwen3 "attention_bias")
+  bool qkv_bias = false;                 // biases on q, k, v only (Qwen2, always)
+  bool mlp_bias = false;                 // biases on gate, up, down (Llama "mlp_bias")
+  bool qk_norm = false;                  // RMSNorm over each head of q and k before RoPE (Qwen3)
+  /// The window of the layers that use sliding-window attention, as transformers
+  /// resolves it per architecture (Mistral: sliding_window; Qwen2/3: only with
+  /// use_sliding_window and a layer >= max_window_layers or in layer_types);
+  /// unset when every layer attends to the whole sequence. Not implemented:
+  /// sequences longer than the window are refused.
+  std::optional<int64_t> sliding_window;
   nlohmann::json raw;                    // the parsed config.json (or null)
 };
 
 /// Parses a config.json object; `what` (the file) prefixes every error.
 /// Refuses other architectures, rope_scaling types other than linear/llama3,
-/// biases, non-silu activations, attention dropout, bad head counts, missing fields.
+/// non-silu activations, attention dropout, bad head counts, missing fields.
 LlamaConfig llama_config_from_json(const nlohmann::json& j, const std::string& what = "config.json");
 /// Reads and parses `config_json_path` (strict JSON: duplicate keys refused).
 LlamaConfig llama_config_load(const std::string& config_json_path);
 /// Fills defaults (K = H, D = C / H) and validates; throws naming `what` and the field.
 LlamaConfig llama_config_checked(LlamaConfig cfg, const std::string& what = "config");
-/// A HF-compatible config.json (architectures ["LlamaForCausalLM"], model_type
-/// "llama"); keeps unknown keys of cfg.raw.
+/// Throws (naming `what`, the window and the fix) when sequences of `max_length`
+/// tokens would reach past cfg.sliding_window, which this code does not implement.
+void llama_check_max_length(const LlamaConfig& cfg, int64_t max_length, const std::string& what);
+/// A HF-compatible config.json of cfg.arch (architectures ["Qwen3ForCausalLM"],
+/// model_type "qwen3", ...); keeps unknown keys of cfg.raw.
 nlohmann::json llama_config_to_json(const LlamaConfig& cfg);
 
 /// x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times weight.
@@ -97,13 +124,15 @@ enum class AttentionKernel { kDense, kChunked };
 
 class LlamaAttentionImpl : public torch::nn::Module {
  public:
-  explicit LlamaAttentionImpl(const LlamaConfig& cfg);
+  LlamaAttentionImpl(const LlamaConfig& cfg, torch::ScalarType dtype);
   /// x (B, T, C) -> (B, T, C)
   torch::Tensor forward(const torch::Tensor& x, const AttentionInputs& in);
   FrozenLinear q_proj{nullptr};  // C -> H*D
   FrozenLinear k_proj{nullptr};  // C -> K*D
   FrozenLinear v_proj{nullptr};  // C -> K*D
   FrozenLinear o_proj{nullptr};  // H*D -> C
+  LlamaRMSNorm q_norm{nullptr};  // (D) Qwen3 only: over each head of q, before RoPE
+  LlamaRMSNorm k_norm{nullptr};  // (D) Qwen3 only
   int64_t num_heads, num_kv_heads, head_dim;
 };
 TORCH_MODULE(LlamaAttention);
@@ -179,11 +208,26 @@ class LlamaModelImpl : public torch::nn::Module {
   /// kDense: (B, H, T, T) attention everywhere (transformers' eager path).
   void set_attention_kernel(AttentionKernel k) { attention_kernel_ = k; }
   AttentionKernel attention_kernel() const { return attention_kernel_; }
-  /// The lm_head weight (V, C) (the embedding table when tied).
+  /// The lm_head weight (V, C) in use: the embedding table when tied, or the
+  /// trainable copy of modules_to_save while those are enabled (then fp32).
   torch::Tensor lm_head_weight() const;
+  /// The token embedding table (V, C) in use (the trainable copy while enabled).
+  torch::Tensor embed_weight() const;
+
+  /// PEFT modules_to_save (core/modules_to_save.h): trainable full copies of the
+  /// embedding table and/or lm_head (V, C) that replace the frozen originals while
+  /// enabled; undefined = that module is not saved. A tied model gets one tensor
+  /// for both. The originals stay untouched (the reference pass disables the copies,
+  /// as PEFT's disable_adapter does).
+  void set_modules_to_save(torch::Tensor embed, torch::Tensor head);
+  void set_modules_to_save_enabled(bool on) { mts_enabled_ = on; }
+  bool modules_to_save_enabled() const { return mts_enabled_; }
+  const torch::Tensor& saved_embed() const { return mts_embed_; }  // (V, C) or undefined
+  const torch::Tensor& saved_head() const { return mts_head_; }    // (V, C) or undefined
 
   /// The seven projections of every layer with HF names ("model.layers.3.mlp.down_proj"),
-  /// in checkpoint order (q, k, v, o, gate, up, down per layer).
+  /// in checkpoint order (q, k, v, o, gate, up, down per layer). Biases, where the
+  /// architecture has them, belong to the projection (FrozenLinear::bias).
   std::vector<std::pair<std::string, FrozenLinear>> named_projections() const;
   const LlamaConfig& config() const { return cfg_; }
   torch::ScalarType compute_dtype() const { return dtype_; }
@@ -205,6 +249,8 @@ class LlamaModelImpl : public torch::nn::Module {
   AttentionKernel attention_kernel_ = AttentionKernel::kChunked;
   torch::Tensor run_layers(torch::Tensor h, const AttentionInputs& in);
   torch::Tensor embed(const torch::Tensor& input_ids);  // checked ids (B, T) -> (B, T, C)
+  torch::Tensor mts_embed_, mts_head_;  // (V, C) trainable copies (modules_to_save) or undefined
+  bool mts_enabled_ = true;
 };
 TORCH_MODULE(LlamaModel);
 

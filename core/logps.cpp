@@ -414,7 +414,7 @@ Tensor head_chunk(const Tensor& x, const Tensor& w, int64_t m0, int64_t m1) {
 
 class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
  public:
-  // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) frozen or empty;
+  // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) or empty (its gradient only when it requires grad);
   // target, seq (M) int64 CPU; S sequences.
   static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor target, Tensor seq, int64_t S) {
     const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
@@ -477,7 +477,10 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     Tensor x = saved[0], w = saved[1];
     const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
     Tensor grad_x = at::zeros_like(x);
-    if (!grads[0].defined() || M == 0) return {grad_x, Tensor(), Tensor(), Tensor(), Tensor()};
+    // The head's own gradient only where it is trained (modules_to_save lm_head).
+    const bool want_w = w.numel() > 0 && ctx->needs_input_grad(1);
+    Tensor grad_w = want_w ? at::zeros_like(w) : Tensor();
+    if (!grads[0].defined() || M == 0) return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
     Tensor gs = grads[0].to(torch::kCPU, torch::kDouble).contiguous();
     const double* gr = gs.data_ptr<double>();
     Tensor lse_t = ctx->saved_data["lse"].toTensor(), ex_t = ctx->saved_data["exact"].toTensor();
@@ -519,8 +522,10 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
       }
       Tensor gx = w.numel() > 0 ? at::mm(lg.to(w.scalar_type()), w) : lg.to(x.scalar_type());
       grad_x.narrow(0, m0, m1 - m0).copy_(gx);
+      // dL/dW (V, C) += dlogits^T (V, m) @ x (m, C)
+      if (want_w) grad_w.addmm_(lg.t().to(w.scalar_type()), x.narrow(0, m0, m1 - m0).to(w.scalar_type()));
     }
-    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -593,7 +598,8 @@ SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& po
   }
   Tensor rows = hidden.reshape({N, C}).index_select(0, pos.to(hidden.device()));  // (M, C)
   // No weight: an empty placeholder (autograd records every tensor input; undefined ones are refused).
-  auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight.detach() : torch::empty({0}, hidden.options()), tok, seq,
+  // A weight that requires grad (a trained lm_head copy) gets its gradient in backward.
+  auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight : torch::empty({0}, hidden.options()), tok, seq,
                                 sequences);
   return SeqLogps{out[0], out[1], out[2]};
 }

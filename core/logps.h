@@ -62,7 +62,8 @@ torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed 
 /// Log-probs of scored tokens straight from the final hidden states, without ever
 /// building the (positions, V) logits: the hidden rows at `position` go through lm_head
 /// + log-softmax in chunks of ~32 MiB of fp32 logits, and backward recomputes each
-/// chunk (only grad w.r.t. hidden; the lm_head weight is frozen). Entry i scores
+/// chunk (grad w.r.t. hidden, and w.r.t. the weight only when it requires grad: a
+/// modules_to_save lm_head). Entry i scores
 /// token[i] with the logits of hidden row position[i] (a flat index over hidden's
 /// leading dims) and adds it to sequence[i]. With `weight` undefined, `hidden` holds
 /// logits already ((..., V): the full-logits path) and is only read at `position`.

@@ -105,7 +105,9 @@ std::string lora_config_json(const LoraConfig& cfg, const std::string& base_mode
   j["lora_dropout"] = cfg.dropout;
   j["megatron_config"] = nullptr;
   j["megatron_core"] = "megatron.core";
-  j["modules_to_save"] = nullptr;
+  if (cfg.modules_to_save.empty()) j["modules_to_save"] = nullptr;
+  else j["modules_to_save"] = cfg.modules_to_save;
+  if (cfg.ensure_weight_tying) j["ensure_weight_tying"] = true;
   j["peft_type"] = "LORA";
   j["r"] = cfg.r;
   j["rank_pattern"] = nlohmann::json::object();
@@ -118,7 +120,8 @@ std::string lora_config_json(const LoraConfig& cfg, const std::string& base_mode
 }
 
 void lora_save_peft(const NamedLinears& named, const LoraConfig& cfg, const std::string& dir,
-                    const std::string& base_model_name_or_path) {
+                    const std::string& base_model_name_or_path,
+                    const std::vector<std::pair<std::string, torch::Tensor>>& saved_modules) {
   const std::string where = "saving the LoRA adapter to " + dir + ": ";
   try {
     lora_config_validate(cfg);
@@ -136,6 +139,13 @@ void lora_save_peft(const NamedLinears& named, const LoraConfig& cfg, const std:
       tensors.emplace_back(lora_peft_key(name, 'B'), lin.ptr()->lora_B().detach().to(torch::kCPU).contiguous());
     }
     if (tensors.empty()) throw std::runtime_error("no adapters to save");
+    std::set<std::string> want;
+    for (const auto& m : cfg.modules_to_save) want.insert(lora_modules_to_save_key(m));
+    for (const auto& [key, t] : saved_modules) {
+      if (!want.erase(key)) throw std::runtime_error("saved module " + key + " is not in the config's modules_to_save");
+      tensors.emplace_back(key, t.detach().to(torch::kCPU).contiguous());
+    }
+    if (!want.empty()) throw std::runtime_error("modules_to_save: no tensor for " + *want.begin());
     fs::create_directories(dir);
     safetensors_save((fs::path(dir) / kAdapterWeights).string(), tensors, {{"format", "pt"}});
     write_file_atomic((fs::path(dir) / kAdapterConfig).string(), lora_config_json(cfg, base_model_name_or_path));
@@ -186,8 +196,19 @@ LoraConfig lora_config_load(const std::string& dir) {
       if (j.contains(k) && !j[k].is_null() && !j[k].empty()) throw bad(k, "per-module ranks/alphas are not supported");
     for (const char* k : {"layers_to_transform", "layer_replication"})
       if (j.contains(k) && !j[k].is_null()) throw bad(k, "is not supported (must be null)");
-    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() && !j["modules_to_save"].empty())
-      throw bad("modules_to_save", "is not supported (must be null)");
+    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null()) {
+      if (!j["modules_to_save"].is_array()) throw bad("modules_to_save", "must be a list of module names or null");
+      for (const auto& m : j["modules_to_save"]) {
+        if (!m.is_string()) throw bad("modules_to_save", "must be a list of module names, got " + m.dump());
+        const std::string name = m.get<std::string>();
+        bool known = false;
+        for (const auto& k : lora_saveable_modules()) known = known || k == name;
+        if (!known) throw bad("modules_to_save", "\"" + name + "\" is not supported (embed_tokens, lm_head)");
+        cfg.modules_to_save.push_back(name);
+      }
+    }
+    cfg.ensure_weight_tying = j.contains("ensure_weight_tying") && j["ensure_weight_tying"].is_boolean() &&
+                              j["ensure_weight_tying"].get<bool>();
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error(path + ": wrong type of a field: " + e.what());
   }
@@ -209,7 +230,7 @@ LoraConfig lora_load_peft(const NamedLinears& named, const std::string& dir) {
     throw std::runtime_error(path + ": missing");
   }
   SafetensorsFile file(path);
-  std::set<std::string> expected;
+  std::set<std::string> expected, saved;
   for (const auto& [name, lin] : named) {
     const bool targeted = lora_targets(cfg, name);
     if (!targeted) {
@@ -224,8 +245,9 @@ LoraConfig lora_load_peft(const NamedLinears& named, const std::string& dir) {
     expected.insert(lora_peft_key(name, 'A'));
     expected.insert(lora_peft_key(name, 'B'));
   }
+  for (const auto& m : cfg.modules_to_save) saved.insert(lora_modules_to_save_key(m));
   for (const auto& k : file.names())
-    if (!expected.count(k))
+    if (!expected.count(k) && !saved.count(k))
       throw std::runtime_error(path + ": unexpected tensor " + k + " (no such adapted module in this model)");
   // Validate everything before touching any module.
   std::map<std::string, torch::Tensor> loaded;

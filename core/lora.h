@@ -37,7 +37,29 @@ struct LoraConfig {
   std::vector<std::string> target_modules{"q_proj", "v_proj"};
   /// Rank-stabilized LoRA: scaling = alpha / sqrt(r).
   bool use_rslora = false;
+  /// PEFT modules_to_save: "embed_tokens" and/or "lm_head", trained as full copies
+  /// (core/modules_to_save.h) and saved next to the adapters under
+  /// lora_modules_to_save_key(name).
+  std::vector<std::string> modules_to_save;
+  /// PEFT's ensure_weight_tying (written when the model ties its embeddings and
+  /// modules_to_save is set: one trainable copy serves embed_tokens and lm_head).
+  bool ensure_weight_tying = false;
 };
+
+/// The modules modules_to_save may name.
+inline const std::vector<std::string>& lora_saveable_modules() {
+  static const std::vector<std::string> k{"embed_tokens", "lm_head"};
+  return k;
+}
+
+/// PEFT's key of a saved module in adapter_model.safetensors (get_peft_model_state_dict
+/// drops "modules_to_save.default"): "base_model.model.model.embed_tokens.weight",
+/// "base_model.model.lm_head.weight". Throws for other names.
+inline std::string lora_modules_to_save_key(const std::string& module) {
+  if (module == "embed_tokens") return "base_model.model.model.embed_tokens.weight";
+  if (module == "lm_head") return "base_model.model.lm_head.weight";
+  throw std::runtime_error("modules_to_save: \"" + module + "\" is not supported (embed_tokens, lm_head)");
+}
 
 /// target_modules with "all-linear" expanded and duplicates dropped (order kept).
 /// Throws for names other than the seven projections.
@@ -72,6 +94,12 @@ inline void lora_config_validate(const LoraConfig& cfg) {
     throw std::runtime_error("lora_dropout must be in [0, 1), got " + std::to_string(cfg.dropout));
   if (cfg.target_modules.empty()) throw std::runtime_error("lora_target_modules is empty");
   lora_expand_targets(cfg.target_modules);
+  for (size_t i = 0; i < cfg.modules_to_save.size(); ++i) {
+    lora_modules_to_save_key(cfg.modules_to_save[i]);
+    for (size_t k = 0; k < i; ++k)
+      if (cfg.modules_to_save[k] == cfg.modules_to_save[i])
+        throw std::runtime_error("modules_to_save names \"" + cfg.modules_to_save[i] + "\" twice");
+  }
 }
 
 /// alpha / r, or alpha / sqrt(r) with use_rslora (PEFT LoraLayer.update_layer).
@@ -104,15 +132,19 @@ std::vector<std::pair<std::string, torch::Tensor>> lora_parameters(const NamedLi
 std::string lora_config_json(const LoraConfig& cfg, const std::string& base_model_name_or_path);
 /// Writes dir/adapter_model.safetensors and dir/adapter_config.json (each to a
 /// temporary file renamed into place; dir is created). The adapted modules must be
-/// exactly those cfg targets, with rank cfg.r.
+/// exactly those cfg targets, with rank cfg.r. `saved_modules` (PEFT key -> tensor,
+/// see core/modules_to_save.h) are written next to the adapters; their keys must be
+/// those of cfg.modules_to_save.
 void lora_save_peft(const NamedLinears& named, const LoraConfig& cfg, const std::string& dir,
-                    const std::string& base_model_name_or_path);
+                    const std::string& base_model_name_or_path,
+                    const std::vector<std::pair<std::string, torch::Tensor>>& saved_modules = {});
 /// Reads and validates dir/adapter_config.json (PEFT LoRA; unsupported features
 /// such as DoRA, rank_pattern, bias != "none" or regex target_modules are refused).
 LoraConfig lora_config_load(const std::string& dir);
 /// Loads a PEFT adapter into `named` (attaching adapters where missing) and returns
 /// its config. Every targeted module must have both keys with shapes (r, I)/(O, r);
 /// missing/extra keys, shape or rank mismatches throw, naming the key and file.
+/// The keys of cfg.modules_to_save are left to modules_to_save_load.
 LoraConfig lora_load_peft(const NamedLinears& named, const std::string& dir);
 /// Folds every adapter into its base (dense W + scaling * B @ A) and removes it.
 void lora_merge(const NamedLinears& named);

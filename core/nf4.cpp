@@ -537,8 +537,14 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
   }
   if (!valid_blocksize(t.blocksize)) fail(qs_nf4, "blocksize " + std::to_string(t.blocksize) + " is not supported");
   if (t.shape.empty()) fail(qs_nf4, "shape is empty");
-  for (int64_t s : t.shape)
+  // The product must fit int64 before numel() forms it (tests/fuzz/regressions/quant_state:
+  // [2^32, 2^32] was a signed overflow).
+  int64_t prod = 1;
+  for (int64_t s : t.shape) {
     if (s <= 0) fail(qs_nf4, "shape " + shape_str(t.shape) + " has a non-positive dimension");
+    if (prod > (int64_t{1} << 50) / s) fail(qs_nf4, "shape " + shape_str(t.shape) + " has more than 2^50 elements");
+    prod *= s;
+  }
   const int64_t n = t.numel();
   const int64_t nb = t.nblocks();
 
@@ -580,7 +586,11 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
   if (absmax.scalar_type() != torch::kUInt8) fail(w + ".absmax", "must be uint8 with double quantization");
   try {
     t.nested_blocksize = j.at("nested_blocksize").get<int64_t>();
-    t.offset = static_cast<float>(j.at("nested_offset").get<double>());
+    const double off = j.at("nested_offset").get<double>();
+    // A float32 value in the file (tests/fuzz/regressions/quant_state: 1e300 became inf
+    // and every dequantized weight with it).
+    if (!(std::fabs(off) <= 3.4e38)) fail(qs_nf4, "nested_offset " + std::to_string(off) + " is not a finite float32");
+    t.offset = static_cast<float>(off);
     const std::string nd = j.at("nested_dtype").get<std::string>();
     if (nd != "float32") fail(qs_nf4, "nested_dtype \"" + nd + "\" is not float32");
   } catch (const nlohmann::json::exception& e) {

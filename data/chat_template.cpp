@@ -9,12 +9,15 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <set>
 #include <utility>
 #include <vector>
@@ -175,6 +178,10 @@ struct Value {
   enum Type : uint8_t { kUndef, kNone, kBool, kInt, kFloat, kStr, kList, kDict, kNamespace, kFunc, kLoop };
   Type t = kUndef;
   bool tuple = false;  // a list made by (a, b): repr only
+  // A generator (what jinja2's map/select/reject/selectattr/rejectattr/unique/items
+  // filters return): single use (*gen = items consumed so far), always true, no len(),
+  // no indexing, not printable.
+  std::shared_ptr<size_t> gen;
   bool b = false;
   int64_t i = 0;
   double f = 0;
@@ -223,6 +230,11 @@ struct Value {
     v.t = kList;
     v.tuple = tuple;
     v.l = std::make_shared<List>(std::move(x));
+    return v;
+  }
+  static Value generator(List x) {
+    Value v = list(std::move(x));
+    v.gen = std::make_shared<size_t>(0);
     return v;
   }
   static Value dict(std::shared_ptr<Dict> d);
@@ -288,7 +300,7 @@ const char* type_name(const Value& v) {
     case Value::kInt: return "int";
     case Value::kFloat: return "float";
     case Value::kStr: return "str";
-    case Value::kList: return v.tuple ? "tuple" : "list";
+    case Value::kList: return v.gen ? "generator" : v.tuple ? "tuple" : "list";
     case Value::kDict: return "dict";
     case Value::kNamespace: return "Namespace";
     case Value::kFunc: return "function";
@@ -307,7 +319,8 @@ void check_defined(const Value& v, int line) {
   if (v.is_undef()) fail(line, undefined_message(v));
 }
 
-Value from_json(const nlohmann::ordered_json& j) {
+Value from_json(const nlohmann::ordered_json& j, int depth = 0) {
+  if (depth > 256) fail(0, "the template's data nests more than 256 levels deep");
   switch (j.type()) {
     case nlohmann::ordered_json::value_t::null: return Value::none();
     case nlohmann::ordered_json::value_t::boolean: return Value::boolean(j.get<bool>());
@@ -322,13 +335,13 @@ Value from_json(const nlohmann::ordered_json& j) {
     case nlohmann::ordered_json::value_t::array: {
       List l;
       l.reserve(j.size());
-      for (const auto& e : j) l.push_back(from_json(e));
+      for (const auto& e : j) l.push_back(from_json(e, depth + 1));
       return Value::list(std::move(l));
     }
     case nlohmann::ordered_json::value_t::object: {
       auto d = std::make_shared<Dict>();
       d->items.reserve(j.size());
-      for (auto it = j.begin(); it != j.end(); ++it) d->items.emplace_back(it.key(), from_json(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) d->items.emplace_back(it.key(), from_json(it.value(), depth + 1));
       return Value::dict(d);
     }
     default: return Value::none();
@@ -387,6 +400,7 @@ std::string to_str(const Value& v) {
     case Value::kFloat: return py_float_repr(v.f);
     case Value::kStr: return v.sv();
     case Value::kList: {
+      if (v.gen) return "<generator object>";
       std::string out = v.tuple ? "(" : "[";
       for (size_t k = 0; k < v.l->size(); ++k) {
         if (k) out += ", ";
@@ -421,7 +435,7 @@ bool truthy(const Value& v) {
     case Value::kInt: return v.i != 0;
     case Value::kFloat: return v.f != 0;
     case Value::kStr: return !v.s->empty();
-    case Value::kList: return !v.l->empty();
+    case Value::kList: return v.gen || !v.l->empty();
     case Value::kDict: return !v.d->items.empty();
     default: return true;
   }
@@ -438,6 +452,7 @@ bool equals(const Value& a, const Value& b) {
     case Value::kNone: return true;
     case Value::kStr: return a.sv() == b.sv();
     case Value::kList: {
+      if (a.gen || b.gen) return a.l == b.l;
       if (a.tuple != b.tuple || a.l->size() != b.l->size()) return false;
       for (size_t k = 0; k < a.l->size(); ++k)
         if (!equals((*a.l)[k], (*b.l)[k])) return false;
@@ -488,7 +503,13 @@ int compare_order(const Value& a, const Value& b, int line, const char* op) {
 std::shared_ptr<List> iterate(const Value& v, int line) {
   switch (v.t) {
     case Value::kUndef: return std::make_shared<List>();
-    case Value::kList: return v.l;
+    case Value::kList:
+      if (v.gen) {  // consumes what is left
+        auto rest = std::make_shared<List>(v.l->begin() + std::min(*v.gen, v.l->size()), v.l->end());
+        *v.gen = v.l->size();
+        return rest;
+      }
+      return v.l;
     case Value::kDict: {
       auto l = std::make_shared<List>();
       for (const auto& kv : v.d->items) l->push_back(Value::str(kv.first));
@@ -508,20 +529,32 @@ std::shared_ptr<List> iterate(const Value& v, int line) {
   }
 }
 
+// For range-for: keeps the (possibly fresh) list alive for the loop, which
+// `for (x : *iterate(v))` would not (the shared_ptr temporary dies before the loop).
+struct Items {
+  std::shared_ptr<List> p;
+  List::const_iterator begin() const { return p->cbegin(); }
+  List::const_iterator end() const { return p->cend(); }
+};
+Items items_of(const Value& v, int line) { return Items{iterate(v, line)}; }
+
 int64_t length_of(const Value& v, int line) {
   switch (v.t) {
     case Value::kUndef: return 0;
     case Value::kStr: return py_len(v.sv());
-    case Value::kList: return int64_t(v.l->size());
+    case Value::kList:
+      if (v.gen) fail(line, "object of type 'generator' has no len() (add | list before | length)");
+      return int64_t(v.l->size());
     case Value::kDict: return int64_t(v.d->items.size());
     default: fail(line, std::string("object of type '") + type_name(v) + "' has no len()");
   }
 }
 
 // json.dumps(x, ensure_ascii=False, indent=indent, separators=None, sort_keys=sort_keys)
-void json_escape(std::string& out, const std::string& s) {
-  out += '"';
-  for (unsigned char c : s) {
+// json.dumps's string escaping; ensure_ascii writes non-ASCII as \uXXXX (UTF-16
+// surrogate pairs above U+FFFF), as Python does.
+void json_escape(std::string& out, const std::string& s, bool ensure_ascii = false) {
+  auto ascii_char = [&](unsigned char c) {
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -539,16 +572,43 @@ void json_escape(std::string& out, const std::string& s) {
           out += char(c);
         }
     }
+  };
+  out += '"';
+  if (!ensure_ascii || is_ascii(s)) {
+    for (unsigned char c : s) {
+      if (c >= 0x80) out += char(c);  // UTF-8 bytes pass through (ensure_ascii=False)
+      else ascii_char(c);
+    }
+  } else {
+    for (char32_t c : utf8_decode(s)) {
+      char buf[16];
+      if (c < 0x80) {
+        ascii_char(static_cast<unsigned char>(c));
+      } else if (c < 0x10000) {
+        std::snprintf(buf, sizeof buf, "\\u%04x", unsigned(c));
+        out += buf;
+      } else {
+        const unsigned v = unsigned(c) - 0x10000;
+        std::snprintf(buf, sizeof buf, "\\u%04x\\u%04x", 0xd800 + (v >> 10), 0xdc00 + (v & 0x3ff));
+        out += buf;
+      }
+    }
   }
   out += '"';
 }
 
-void to_json(std::string& out, const Value& v, const std::string* indent, bool sort_keys, int depth, int line) {
+// Layout of json.dumps: separators (item, key) and indent.
+struct JsonStyle {
+  const std::string* indent = nullptr;
+  std::string item_sep = ", ", key_sep = ": ";
+  bool sort_keys = false, ensure_ascii = false;
+};
+
+void to_json(std::string& out, const Value& v, const JsonStyle& st, int depth, int line) {
   auto newline = [&](int d) {
     out += '\n';
-    for (int k = 0; k < d; ++k) out += *indent;
+    for (int k = 0; k < d; ++k) out += *st.indent;
   };
-  const char* item_sep = indent ? "," : ", ";
   switch (v.t) {
     case Value::kNone: out += "null"; return;
     case Value::kBool: out += v.b ? "true" : "false"; return;
@@ -558,19 +618,20 @@ void to_json(std::string& out, const Value& v, const std::string* indent, bool s
       else if (std::isinf(v.f)) out += v.f < 0 ? "-Infinity" : "Infinity";
       else out += py_float_repr(v.f);
       return;
-    case Value::kStr: json_escape(out, v.sv()); return;
+    case Value::kStr: json_escape(out, v.sv(), st.ensure_ascii); return;
     case Value::kList: {
+      if (v.gen) fail(line, "tojson: Object of type generator is not JSON serializable (add | list)");
       if (v.l->empty()) {
         out += "[]";
         return;
       }
       out += '[';
       for (size_t k = 0; k < v.l->size(); ++k) {
-        if (k) out += item_sep;
-        if (indent) newline(depth + 1);
-        to_json(out, (*v.l)[k], indent, sort_keys, depth + 1, line);
+        if (k) out += st.item_sep;
+        if (st.indent) newline(depth + 1);
+        to_json(out, (*v.l)[k], st, depth + 1, line);
       }
-      if (indent) newline(depth);
+      if (st.indent) newline(depth);
       out += ']';
       return;
     }
@@ -581,19 +642,19 @@ void to_json(std::string& out, const Value& v, const std::string* indent, bool s
       }
       std::vector<const std::pair<std::string, Value>*> kvs;
       for (const auto& kv : v.d->items) kvs.push_back(&kv);
-      if (sort_keys)
+      if (st.sort_keys)
         std::sort(kvs.begin(), kvs.end(), [](auto* a, auto* b) { return a->first < b->first; });
       out += '{';
       bool first = true;
       for (auto* kv : kvs) {
-        if (!first) out += item_sep;
+        if (!first) out += st.item_sep;
         first = false;
-        if (indent) newline(depth + 1);
-        json_escape(out, kv->first);
-        out += ": ";
-        to_json(out, kv->second, indent, sort_keys, depth + 1, line);
+        if (st.indent) newline(depth + 1);
+        json_escape(out, kv->first, st.ensure_ascii);
+        out += st.key_sep;
+        to_json(out, kv->second, st, depth + 1, line);
       }
-      if (indent) newline(depth);
+      if (st.indent) newline(depth);
       out += '}';
       return;
     }
@@ -918,6 +979,7 @@ struct Context {
   std::time_t now = 0;
   bool fixed_now = false;
   int depth = 0;  // macro recursion guard
+  int64_t iterations = 0;  // loop iterations of this render (bounded by kMaxIterations)
 };
 
 Stmt::Flow exec_body(const Body& body, Context& ctx) {
@@ -1027,6 +1089,7 @@ bool normalize_index(int64_t* k, int64_t n) {
 
 Value get_item(const Value& obj, const Value& key, int line) {
   if (obj.is_undef()) fail(line, undefined_message(obj));
+  if (obj.gen) fail(line, "'generator' object is not subscriptable (add | list)");
   if (key.t == Value::kStr && obj.t != Value::kDict) return get_attr(obj, key.sv(), line);
   switch (obj.t) {
     case Value::kDict:
@@ -1089,6 +1152,7 @@ std::vector<int64_t> slice_positions(int64_t n, const Value& a, const Value& b, 
 
 Value do_slice(const Value& obj, const Value& a, const Value& b, const Value& c, int line) {
   if (obj.is_undef()) fail(line, undefined_message(obj));
+  if (obj.gen) fail(line, "'generator' object is not subscriptable (add | list)");
   if (obj.t == Value::kList) {
     List out;
     for (int64_t k : slice_positions(int64_t(obj.l->size()), a, b, c, line)) out.push_back((*obj.l)[k]);
@@ -1352,7 +1416,7 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
     if (a.pos.empty()) fail(line, "str.join() takes 1 argument");
     std::string out;
     bool first = true;
-    for (const auto& v : *iterate(a.pos[0], line)) {
+    for (const auto& v : items_of(a.pos[0], line)) {
       if (!first) out += s;
       first = false;
       out += need_str(v, "str.join() item", line);
@@ -1463,7 +1527,7 @@ bool apply_test(const std::string& name, const Value& v, const std::vector<Value
   if (name == "false") return v.t == Value::kBool && !v.b;
   if (name == "mapping") return v.t == Value::kDict;
   if (name == "iterable") return v.t == Value::kUndef || v.t == Value::kStr || v.t == Value::kList || v.t == Value::kDict;
-  if (name == "sequence") return v.t == Value::kStr || v.t == Value::kList || v.t == Value::kDict;
+  if (name == "sequence") return v.t == Value::kStr || (v.t == Value::kList && !v.gen) || v.t == Value::kDict;
   if (name == "callable") return v.t == Value::kFunc;
   if (name == "equalto" || name == "eq" || name == "==") return equals(v, arg(0));
   if (name == "ne" || name == "!=") return !equals(v, arg(0));
@@ -1499,7 +1563,7 @@ bool apply_test(const std::string& name, const Value& v, const std::vector<Value
     const Value& c = arg(0);
     if (c.t == Value::kStr) return v.t == Value::kStr && c.sv().find(v.sv()) != std::string::npos;
     if (c.t == Value::kDict) return v.t == Value::kStr && c.d->find(v.sv()) != nullptr;
-    for (const auto& x : *iterate(c, line))
+    for (const auto& x : items_of(c, line))
       if (equals(x, v)) return true;
     return false;
   }
@@ -1551,12 +1615,12 @@ Value select_like(const std::string& name, const Value& v, CallArgs& a, Context&
   }
   std::vector<Value> targs(a.pos.begin() + std::min(k, a.pos.size()), a.pos.end());
   List out;
-  for (const auto& item : *iterate(v, line)) {
+  for (const auto& item : items_of(v, line)) {
     Value x = attr ? attr_path(item, path, line) : item;
     bool ok = test.empty() ? truthy(x) : apply_test(test, x, targs, line);
     if (ok == want) out.push_back(item);
   }
-  return Value::list(std::move(out));
+  return Value::generator(std::move(out));
 }
 
 std::string html_escape(const std::string& s) {
@@ -1590,29 +1654,59 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
   }
   if (name == "tojson") {
     Params p("tojson", {"ensure_ascii", "indent", "separators", "sort_keys"}, a, line);
-    if (truthy(p.get_or(0, Value::boolean(false)))) fail(line, "tojson(ensure_ascii=True) is not supported by this engine");
-    if (p.has(2) && p.get_or(2, Value::none()).t != Value::kNone) fail(line, "tojson(separators=...) is not supported by this engine");
+    JsonStyle st;
+    st.ensure_ascii = truthy(p.get_or(0, Value::boolean(false)));
+    st.sort_keys = truthy(p.get_or(3, Value::boolean(false)));
     Value ind = p.get_or(1, Value::none());
     std::string indent_str;
-    const std::string* indent = nullptr;
     if (ind.t == Value::kStr) {
       indent_str = ind.sv();
-      indent = &indent_str;
+      st.indent = &indent_str;
     } else if (ind.is_intlike()) {
       indent_str = std::string(size_t(std::max<int64_t>(0, ind.as_int())), ' ');
-      indent = &indent_str;
+      st.indent = &indent_str;
     } else if (ind.t != Value::kNone) {
       fail(line, "tojson indent must be an integer or a string");
     }
+    if (st.indent) st.item_sep = ",";  // json.dumps's default separators with an indent
+    Value seps = p.get_or(2, Value::none());
+    if (seps.t != Value::kNone) {
+      if (seps.t != Value::kList || seps.l->size() != 2 || (*seps.l)[0].t != Value::kStr || (*seps.l)[1].t != Value::kStr)
+        fail(line, "tojson separators must be a pair of strings, e.g. (',', ':')");
+      st.item_sep = (*seps.l)[0].sv();
+      st.key_sep = (*seps.l)[1].sv();
+    }
     std::string out;
-    to_json(out, v, indent, truthy(p.get_or(3, Value::boolean(false))), 0, line);
+    to_json(out, v, st, 0, line);
     return Value::str(out);
   }
-  if (name == "string") return Value::str(to_str(v));
+  if (name == "string") {
+    if (v.gen) fail(line, "string of a generator is not supported: jinja2 gives its memory address; add | list");
+    return Value::str(to_str(v));
+  }
   if (name == "safe") return v;
   if (name == "e" || name == "escape") return Value::str(html_escape(to_str(v)));
-  if (name == "lower" || name == "upper" || name == "title" || name == "capitalize") {
-    int mode = name == "lower" ? 0 : name == "upper" ? 1 : name == "title" ? 2 : 3;
+  if (name == "title") {
+    // jinja2's do_title: chunks split after runs of [-\s({[<], first character upper,
+    // the rest lower (not str.title(): "['abc']" stays "['abc']").
+    const std::string text = to_str(v);
+    std::string out;
+    bool chunk_start = true;
+    for (char c : text) {
+      const bool sep = c == '-' || c == '(' || c == '{' || c == '[' || c == '<' || py_isspace(char32_t(static_cast<unsigned char>(c)));
+      if (sep) {
+        out += c;
+        chunk_start = true;
+        continue;
+      }
+      out += ascii_case(std::string(1, c), chunk_start ? 1 : 0, "title", line);
+      chunk_start = false;
+    }
+    if (!is_ascii(text)) ascii_case(text, 2, "title", line);  // refuses non-ASCII letters
+    return Value::str(out);
+  }
+  if (name == "lower" || name == "upper" || name == "capitalize") {
+    int mode = name == "lower" ? 0 : name == "upper" ? 1 : 3;
     return Value::str(ascii_case(to_str(v), mode, name.c_str(), line));
   }
   if (name == "replace") {
@@ -1629,14 +1723,19 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     if (v.is_undef()) return Value::list();
     if (v.t != Value::kDict) fail(line, "items filter needs a mapping, got '" + std::string(type_name(v)) + "'");
     CallArgs none;
-    return call_method(v, "items", none, ctx, line);
+    return Value::generator(*call_method(v, "items", none, ctx, line).l);
   }
   if (name == "list") return Value::list(*iterate(v, line));
   if (name == "first") {
+    if (v.gen) {  // next(iter(generator)): consumes one item
+      if (*v.gen >= v.l->size()) return Value::undef("No first item, sequence was empty.");
+      return (*v.l)[(*v.gen)++];
+    }
     auto items = iterate(v, line);
     return items->empty() ? Value::undef("No first item, sequence was empty.") : items->front();
   }
   if (name == "last") {
+    if (v.gen) fail(line, "'generator' object is not reversible (add | list before | last)");
     if (v.t != Value::kList && v.t != Value::kStr) check_defined(v, line);
     auto items = iterate(v, line);
     return items->empty() ? Value::undef("No last item, sequence was empty.") : items->back();
@@ -1657,7 +1756,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     Value attr = p.get_or(1, Value::none());
     std::string out;
     bool first = true;
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       if (!first) out += sep;
       first = false;
       out += to_str(attr.t == Value::kNone ? item : attr_path(item, to_str(attr), line));
@@ -1675,26 +1774,27 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
       else fail(line, "map() got an unexpected keyword argument '" + kv.first + "'");
     }
     if (has_attr) {
-      for (const auto& item : *iterate(v, line)) {
+      for (const auto& item : items_of(v, line)) {
         Value x = attr_path(item, attr, line);
         out.push_back(x.is_undef() && !dflt.is_undef() ? dflt : x);
       }
-      return Value::list(std::move(out));
+      return Value::generator(std::move(out));
     }
     if (a.pos.empty()) fail(line, "map() needs a filter name or attribute=");
     const std::string f = need_str(a.pos[0], "map filter name", line);
     if (!known_filters().count(f)) fail(line, "unsupported filter '" + f + "'");
     CallArgs rest;
     rest.pos.assign(a.pos.begin() + 1, a.pos.end());
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       CallArgs copy = rest;
       out.push_back(apply_filter(f, item, copy, ctx, line));
     }
-    return Value::list(std::move(out));
+    return Value::generator(std::move(out));
   }
   if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr")
     return select_like(name, v, a, ctx, line);
   if (name == "int") {
+    check_defined(v, line);  // Undefined.__int__ raises in jinja2
     Params p("int", {"default", "base"}, a, line);
     Value dflt = p.get_or(0, Value::integer(0));
     if (v.is_intlike()) return Value::integer(v.as_int());
@@ -1710,6 +1810,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     return dflt;
   }
   if (name == "float") {
+    check_defined(v, line);
     Params p("float", {"default"}, a, line);
     if (v.is_number()) return Value::real(v.as_double());
     if (v.t == Value::kStr) {
@@ -1748,7 +1849,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
           out.push_back(it);
         }
       }
-      return Value::list(std::move(out));
+      return Value::generator(std::move(out));
     }
     if (name == "min" || name == "max") {
       if (items.empty()) return Value::undef("No aggregated item, sequence was empty.");
@@ -1769,7 +1870,7 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
     Params p("sum", {"attribute", "start"}, a, line);
     Value attr = p.get_or(0, Value::none());
     Value acc = p.get_or(1, Value::integer(0));
-    for (const auto& item : *iterate(v, line)) {
+    for (const auto& item : items_of(v, line)) {
       Value x = attr.t == Value::kNone ? item : attr_path(item, to_str(attr), line);
       if (!x.is_number() || !acc.is_number()) fail(line, "sum() of non-numbers is not supported by this engine");
       if (x.is_intlike() && acc.is_intlike()) acc = Value::integer(acc.as_int() + x.as_int());
@@ -1897,6 +1998,29 @@ struct TestExpr : Expr {
   }
 };
 
+// Python integers are unbounded; this engine's are 64-bit and refuse to wrap.
+[[noreturn]] void overflow(int line) { fail(line, "integer overflow (this engine's integers are 64-bit)"); }
+int64_t add_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+int64_t sub_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_sub_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+int64_t mul_checked(int64_t a, int64_t b, int line) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) overflow(line);
+  return r;
+}
+
+// Bound on what one template may build (repeated strings and lists, loop iterations),
+// so a hostile template fails instead of exhausting memory or time.
+constexpr int64_t kMaxBuild = int64_t(1) << 28;
+constexpr int64_t kMaxIterations = 10000000;
+
 int64_t floor_div(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -1909,7 +2033,9 @@ int64_t floor_div(int64_t a, int64_t b) {
   fail(line, std::string("unsupported operand type(s) for ") + op + ": '" + type_name(a) + "' and '" + type_name(b) + "'");
 }
 
-Value repeat(const Value& seq, int64_t n) {
+Value repeat(const Value& seq, int64_t n, int line) {
+  const int64_t unit = seq.t == Value::kStr ? int64_t(seq.sv().size()) : int64_t(seq.l->size());
+  if (n > 0 && unit > 0 && n > kMaxBuild / unit) fail(line, "repetition too large");
   if (seq.t == Value::kStr) {
     std::string out;
     for (int64_t k = 0; k < n; ++k) out += seq.sv();
@@ -1921,13 +2047,18 @@ Value repeat(const Value& seq, int64_t n) {
 }
 
 Value binary_op(const std::string& op, const Value& a, const Value& b, int line) {
-  if (op == "~") return Value::str(to_str(a) + to_str(b));
+  if (op == "~") {
+    if (a.gen || b.gen) fail(line, "'~' of a generator is not supported: jinja2 prints its memory address; add | list");
+    return Value::str(to_str(a) + to_str(b));
+  }
+  if (a.gen || b.gen) type_error(op.c_str(), a, b, line);
   const bool nums = a.is_number() && b.is_number(), ints = a.is_intlike() && b.is_intlike();
   if (op == "+") {
-    if (ints) return Value::integer(a.as_int() + b.as_int());
+    if (ints) return Value::integer(add_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() + b.as_double());
     if (a.t == Value::kStr && b.t == Value::kStr) return Value::str(a.sv() + b.sv());
     if (a.t == Value::kList && b.t == Value::kList && a.tuple == b.tuple) {
+      if (int64_t(a.l->size() + b.l->size()) > kMaxBuild) fail(line, "list too large");
       List l = *a.l;
       l.insert(l.end(), b.l->begin(), b.l->end());
       return Value::list(std::move(l), a.tuple);
@@ -1937,15 +2068,15 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
     type_error("+", a, b, line);
   }
   if (op == "-") {
-    if (ints) return Value::integer(a.as_int() - b.as_int());
+    if (ints) return Value::integer(sub_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() - b.as_double());
     type_error("-", a, b, line);
   }
   if (op == "*") {
-    if (ints) return Value::integer(a.as_int() * b.as_int());
+    if (ints) return Value::integer(mul_checked(a.as_int(), b.as_int(), line));
     if (nums) return Value::real(a.as_double() * b.as_double());
-    if ((a.t == Value::kStr || a.t == Value::kList) && b.is_intlike()) return repeat(a, b.as_int());
-    if ((b.t == Value::kStr || b.t == Value::kList) && a.is_intlike()) return repeat(b, a.as_int());
+    if ((a.t == Value::kStr || a.t == Value::kList) && b.is_intlike()) return repeat(a, b.as_int(), line);
+    if ((b.t == Value::kStr || b.t == Value::kList) && a.is_intlike()) return repeat(b, a.as_int(), line);
     type_error("*", a, b, line);
   }
   if (op == "/") {
@@ -1960,6 +2091,7 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
     }
     if (b.as_double() == 0) fail(line, op == "%" ? "modulo by zero" : "integer division or modulo by zero");
     if (ints) {
+      if (a.as_int() == INT64_MIN && b.as_int() == -1) overflow(line);
       int64_t q = floor_div(a.as_int(), b.as_int());
       return Value::integer(op == "//" ? q : a.as_int() - q * b.as_int());
     }
@@ -1973,9 +2105,13 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
   if (op == "**") {
     if (!nums) type_error("**", a, b, line);
     if (ints && b.as_int() >= 0) {
-      int64_t r = 1, base = a.as_int();
-      for (int64_t k = 0; k < b.as_int(); ++k) r *= base;
-      return Value::integer(r);
+      int64_t acc = 1, base = a.as_int(), e = b.as_int();
+      while (e > 0) {  // square and multiply, refusing to wrap
+        if (e & 1) acc = mul_checked(acc, base, line);
+        e >>= 1;
+        if (e) base = mul_checked(base, base, line);
+      }
+      return Value::integer(acc);
     }
     return Value::real(std::pow(a.as_double(), b.as_double()));
   }
@@ -2008,7 +2144,10 @@ struct UnaryExpr : Expr {
   Value eval(Context& ctx) const override {
     Value v = e->eval(ctx);
     if (op == '!') return Value::boolean(!truthy(v));
-    if (v.is_intlike()) return Value::integer(op == '-' ? -v.as_int() : v.as_int());
+    if (v.is_intlike()) {
+      if (op == '-' && v.as_int() == INT64_MIN) overflow(line);
+      return Value::integer(op == '-' ? -v.as_int() : v.as_int());
+    }
     if (v.t == Value::kFloat) return Value::real(op == '-' ? -v.f : v.f);
     check_defined(v, line);
     fail(line, std::string("bad operand type for unary ") + op + ": '" + type_name(v) + "'");
@@ -2025,6 +2164,11 @@ bool contains(const Value& container, const Value& item, int line) {
       return container.sv().find(item.sv()) != std::string::npos;
     case Value::kDict: return item.t == Value::kStr && container.d->find(item.sv()) != nullptr;
     case Value::kList:
+      if (container.gen) {  // consumes up to the match, as Python's `in` on a generator
+        for (size_t& k = *container.gen; k < container.l->size();)
+          if (equals((*container.l)[k++], item)) return true;
+        return false;
+      }
       for (const auto& x : *container.l)
         if (equals(x, item)) return true;
       return false;
@@ -2092,10 +2236,15 @@ struct DictExpr : Expr {
 // ---------------------------------------------------------------------------
 // Statements
 
+void check_output_size(const Context& ctx, int line) {
+  if (int64_t(ctx.out->size()) > kMaxBuild) fail(line, "the rendering grows beyond 256 MiB");
+}
+
 struct OutputStmt : Stmt {
   std::string text;
   Flow exec(Context& ctx) const override {
     *ctx.out += text;
+    check_output_size(ctx, line);
     return kNormal;
   }
 };
@@ -2104,8 +2253,12 @@ struct PrintStmt : Stmt {
   ExprP e;
   Flow exec(Context& ctx) const override {
     Value v = e->eval(ctx);
+    if (v.gen)
+      fail(line, "printing a generator (the result of map/select/reject/selectattr/rejectattr/unique/items) is not "
+                 "supported: jinja2 prints its memory address; add | list or | join");
     if (v.t == Value::kStr) *ctx.out += v.sv();
     else *ctx.out += to_str(v);
+    check_output_size(ctx, line);
     return kNormal;
   }
 };
@@ -2167,6 +2320,7 @@ struct ForStmt : Stmt {
     loop.loop = state;
     std::shared_ptr<Scope> outer = ctx.scope;
     for (size_t k = 0; k < items->size(); ++k) {
+      if (++ctx.iterations > kMaxIterations) fail(line, "the template runs too long (more than 10 million loop iterations)");
       state->index0 = int64_t(k);
       auto s = std::make_shared<Scope>();
       s->parent = outer;
@@ -2379,6 +2533,7 @@ class Parser {
   }
 
   StmtP parse_statement(const std::string& name, int line) {
+    DepthGuard guard(this, line);
     if (name == "if") return parse_if(line);
     if (name == "for") return parse_for(line);
     if (name == "set") return parse_set(line);
@@ -2704,6 +2859,7 @@ class Parser {
 
   ExprP parse_unary(bool with_filter) {
     const int line = cur().line;
+    DepthGuard guard(this, line);
     ExprP n;
     if (is_op("-") || is_op("+")) {
       char op = cur().text[0];
@@ -2923,9 +3079,20 @@ class Parser {
     }
   }
 
+  // Recursion bound of the parser: a hostile template fails instead of overflowing
+  // the stack (real templates nest a few dozen levels).
+  struct DepthGuard {
+    Parser* p;
+    DepthGuard(Parser* parser, int line) : p(parser) {
+      if (++p->nesting_ > 400) fail(line, "the template nests too deeply");
+    }
+    ~DepthGuard() { --p->nesting_; }
+  };
+
   std::vector<Token> t_;
   size_t p_ = 0;
   int loop_depth_ = 0;
+  int nesting_ = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -3039,6 +3206,71 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& messages, bool ad
   }
   exec_body(impl_->body, ctx);
   return out;
+}
+
+namespace {
+
+bool read_text_file(const std::string& path, std::string* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return false;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) throw std::runtime_error(path + ": read error");
+  *out = ss.str();
+  return true;
+}
+
+}  // namespace
+
+std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir) {
+  ChatTemplateSource src;
+  if (!file.empty()) {
+    if (!read_text_file(file, &src.text))
+      throw std::runtime_error(file + ": cannot read the chat template (--chat_template)");
+    src.origin = file;
+    return src;
+  }
+  if (dir.empty()) return std::nullopt;
+  const std::string jinja = dir + "/chat_template.jinja";
+  if (read_text_file(jinja, &src.text)) {
+    src.origin = jinja;
+    return src;
+  }
+  const std::string cfg_path = dir + "/tokenizer_config.json";
+  std::string cfg_text;
+  if (!read_text_file(cfg_path, &cfg_text)) return std::nullopt;
+  nlohmann::json cfg;
+  try {
+    cfg = nlohmann::json::parse(cfg_text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(cfg_path + ": malformed JSON: " + e.what());
+  }
+  if (!cfg.is_object()) throw std::runtime_error(cfg_path + ": not a JSON object");
+  auto it = cfg.find("chat_template");
+  if (it == cfg.end() || it->is_null()) return std::nullopt;
+  src.origin = cfg_path + " (chat_template)";
+  if (it->is_string()) {
+    src.text = it->get<std::string>();
+    return src;
+  }
+  if (it->is_array()) {
+    std::string names;
+    for (const auto& e : *it) {
+      if (!e.is_object() || !e.contains("name") || !e["name"].is_string() || !e.contains("template") ||
+          !e["template"].is_string())
+        throw std::runtime_error(cfg_path + ": chat_template is a list whose entries must be {\"name\": string, \"template\": string}");
+      names += (names.empty() ? "" : ", ") + e["name"].get<std::string>();
+      if (e["name"] == "default") {
+        src.text = e["template"].get<std::string>();
+        src.origin = cfg_path + " (chat_template \"default\")";
+        return src;
+      }
+    }
+    throw std::runtime_error(cfg_path + ": chat_template lists templates (" + names +
+                             ") but none named \"default\"; pass one with --chat_template FILE");
+  }
+  throw std::runtime_error(cfg_path + ": chat_template is " + std::string(it->type_name()) +
+                           ", expected a string or a list of {\"name\", \"template\"}");
 }
 
 }  // namespace dpo

@@ -16,7 +16,8 @@
 // Anything else is refused with "chat template line N: unsupported ...", never
 // approximated: at load time for tags, filters and tests, at render time for methods.
 //
-// No dependency other than nlohmann-json (messages come as JSON).
+// No dependency other than nlohmann-json (messages come as JSON). Where a model keeps
+// its template: find_chat_template().
 #pragma once
 #include <ctime>
 #include <memory>
@@ -74,5 +75,18 @@ class ChatTemplate {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+/// A model's chat template text and where it came from (for messages).
+struct ChatTemplateSource {
+  std::string text;
+  std::string origin;  ///< "FILE" or "DIR/tokenizer_config.json (chat_template)"
+};
+
+/// The lookup of INTERFACES.md: `file` when not empty; else DIR/chat_template.jinja;
+/// else "chat_template" of DIR/tokenizer_config.json, a string or a list of
+/// {"name", "template"} objects (the one named "default" is taken). std::nullopt when
+/// none applies (`dir` may be empty). Throws std::runtime_error naming the file (and
+/// JSON field) when a file is unreadable or malformed.
+std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir);
 
 }  // namespace dpo

@@ -1,5 +1,6 @@
 #include "data/h5_util.h"
 
+#include <cstdint>
 #include <cstring>
 
 namespace dpo {
@@ -8,6 +9,11 @@ namespace h5 {
 void init() {
   static std::once_flag once;
   std::call_once(once, [] {
+    // No HDF5 clean-up at exit: after a failed H5Fclose (disk full) libhdf5 1.10 crashes
+    // in its atexit handler (H5F__close_cb), turning a clean error into a segfault. Every
+    // file is closed explicitly; the tools exit after reporting. (Must precede the first
+    // HDF5 call; if the library is already up, this is a harmless no-op error.)
+    H5dont_atexit();
     // Errors become exceptions with our own message; the default handler would print
     // the whole stack to stderr for every expected failure (e.g. a probe).
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -23,7 +29,23 @@ namespace {
 herr_t walk_cb(unsigned n, const H5E_error2_t* err, void* data) {
   auto* out = static_cast<std::vector<std::string>*>(data);
   std::string s = err->func_name ? err->func_name : "";
-  if (err->desc && *err->desc) s += std::string(s.empty() ? "" : ": ") + err->desc;
+  std::string desc = err->desc ? err->desc : "";
+  // The POSIX driver's write/read failures carry a long record (time, filename, buffer,
+  // sizes) with the system's reason inside: keep "<reason> (file <name>)".
+  auto field = [&](const char* key) -> std::string {
+    const size_t b = desc.find(key);
+    if (b == std::string::npos) return "";
+    const size_t v = b + std::strlen(key), e = desc.find('\'', v);
+    return e == std::string::npos ? "" : desc.substr(v, e - v);
+  };
+  const std::string reason = field("error message = '");
+  if (!reason.empty()) {
+    const std::string file = field("filename = '");
+    desc = reason + (file.empty() ? "" : " (file " + file + ")");
+  }
+  for (char& c : desc)
+    if (c == '\n' || c == '\r') c = ' ';  // one-line messages (ctime() ends with a newline)
+  if (!desc.empty()) s += std::string(s.empty() ? "" : ": ") + desc;
   out->push_back(s);
   return 0;
 }
@@ -213,6 +235,24 @@ int64_t length_1d(hid_t dset, const std::string& what) {
   hsize_t n = 0;
   H5_CHECK(H5Sget_simple_extent_dims(space.get(), &n, nullptr));
   return static_cast<int64_t>(n);
+}
+
+int64_t stored_elements_1d(hid_t dset) {
+  H5Id dcpl = H5_OWN(H5Dget_create_plist(dset), H5Pclose);
+  H5Id type = H5_OWN(H5Dget_type(dset), H5Tclose);
+  const size_t esize = H5Tget_size(type.get());
+  if (esize == 0) throw std::runtime_error("dataset with an element size of 0");
+  if (H5Pget_layout(dcpl.get()) == H5D_CHUNKED) {
+    hsize_t chunk = 0;
+    if (H5Pget_chunk(dcpl.get(), 1, &chunk) != 1) throw std::runtime_error("chunked dataset of rank != 1");
+    H5Id space = H5_OWN(H5Dget_space(dset), H5Sclose);
+    hsize_t nchunks = 0;
+    H5_CHECK(H5Dget_num_chunks(dset, space.get(), &nchunks));
+    // Saturate: the product only has to be compared with a length.
+    if (chunk != 0 && nchunks > static_cast<hsize_t>(INT64_MAX) / chunk) return INT64_MAX;
+    return static_cast<int64_t>(nchunks * chunk);
+  }
+  return static_cast<int64_t>(H5Dget_storage_size(dset) / esize);
 }
 
 void append_1d(hid_t dset, hid_t mem_type, const void* data, int64_t cur, int64_t n) {

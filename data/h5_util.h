@@ -102,6 +102,11 @@ H5Id create_fixed_1d(hid_t loc, const std::string& name, hid_t file_type, int64_
 
 /// Number of elements of a 1-D dataset; throws if its rank is not 1.
 int64_t length_1d(hid_t dset, const std::string& what);
+/// Elements of a 1-D dataset that have storage in the file (chunked: allocated chunks x
+/// chunk length; contiguous/compact: stored bytes / element size). Less than its length
+/// means elements that were never written and would read as the fill value: a damaged
+/// or forged file (a few KB claiming 2^33 offsets would make a reader allocate 64 GB).
+int64_t stored_elements_1d(hid_t dset);
 /// Appends n elements of `mem_type` to a 1-D extendible dataset whose current size is `cur`.
 void append_1d(hid_t dset, hid_t mem_type, const void* data, int64_t cur, int64_t n);
 /// Writes n elements at [start, start+n) of a 1-D dataset.

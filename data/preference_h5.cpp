@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <tuple>
 
 #include "data/h5_util.h"
 
@@ -94,7 +95,18 @@ PreferenceAttrs read_attrs(hid_t file) {
   if (a.num_examples < 0) throw std::runtime_error("attribute num_examples is negative");
   if (a.vocab_size <= 0 || a.vocab_size > (int64_t(1) << 31))
     throw std::runtime_error("attribute vocab_size = " + std::to_string(a.vocab_size) + " is out of range");
-  for (auto [name, v] : {std::pair<const char*, int64_t>{"bos_id", a.bos_id}, {"eos_id", a.eos_id}, {"pad_id", a.pad_id}})
+  // tokenizer_type came with tokenizer.json support; files written before it are
+  // sentencepiece files of the same format_version.
+  a.tokenizer_type = h5::attr_exists(file, "tokenizer_type") ? h5::read_attr_string(file, "tokenizer_type")
+                                                              : std::string("sentencepiece");
+  if (a.tokenizer_type != "sentencepiece" && a.tokenizer_type != "tokenizers-json")
+    throw std::runtime_error("attribute tokenizer_type is '" + a.tokenizer_type +
+                             "', expected 'sentencepiece' or 'tokenizers-json'");
+  // bos_id may be -1: a tokenizer without bos (Qwen).
+  if (a.bos_id < -1 || a.bos_id >= a.vocab_size)
+    throw std::runtime_error("attribute bos_id = " + std::to_string(a.bos_id) + " is outside [-1, vocab_size=" +
+                             std::to_string(a.vocab_size) + ") (-1: no bos)");
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"eos_id", a.eos_id}, {"pad_id", a.pad_id}})
     if (v < 0 || v >= a.vocab_size)
       throw std::runtime_error(std::string("attribute ") + name + " = " + std::to_string(v) + " is outside [0, vocab_size=" +
                                std::to_string(a.vocab_size) + ")");
@@ -114,6 +126,7 @@ void write_attrs(hid_t file, const PreferenceAttrs& a) {
   h5::write_attr_int(file, "eos_id", a.eos_id);
   h5::write_attr_int(file, "pad_id", a.pad_id);
   h5::write_attr_string(file, "tokenizer_sha256", a.tokenizer_sha256);
+  h5::write_attr_string(file, "tokenizer_type", a.tokenizer_type);
   h5::write_attr_int(file, "max_length", a.max_length);
   h5::write_attr_int(file, "max_prompt_length", a.max_prompt_length);
   h5::write_attr_strings(file, "source", a.source);
@@ -136,6 +149,15 @@ Column open_column(hid_t file, Field f, int64_t n, hid_t tokens_dapl = H5P_DEFAU
   if (n_off != n + 1)
     throw std::runtime_error(offsets_path(f) + " has " + std::to_string(n_off) + " entries, expected num_examples + 1 = " +
                              std::to_string(n + 1));
+  // Every element must have been written (shown with a structured fuzz_preference_h5 input,
+  // tests/fuzz/regressions/preference_h5/unwritten_offsets_2e33: a 30 KB
+  // file declaring 2^33 unwritten offsets made the reader allocate 64 GB).
+  for (auto [dset, len, name] : {std::tuple<hid_t, int64_t, std::string>{c.offsets.get(), n_off, offsets_path(f)},
+                                 {c.tokens.get(), c.tokens_len, tokens_path(f)}})
+    if (h5::stored_elements_1d(dset) < len)
+      throw std::runtime_error(name + " declares " + std::to_string(len) + " elements but the file stores only " +
+                               std::to_string(h5::stored_elements_1d(dset)) +
+                               " (damaged or incomplete); re-run dpo_preprocess");
   return c;
 }
 
@@ -267,7 +289,7 @@ void PreferenceWriter::append_file(const std::string& part) {
   H5Id file = open_file(part, H5F_ACC_RDONLY);
   const PreferenceAttrs a = with_context(part, [&] { return read_attrs(file.get()); });
   const PreferenceAttrs& mine = impl_->attrs;
-  if (a.tokenizer_sha256 != mine.tokenizer_sha256 || a.vocab_size != mine.vocab_size || a.bos_id != mine.bos_id ||
+  if (a.tokenizer_sha256 != mine.tokenizer_sha256 || a.tokenizer_type != mine.tokenizer_type || a.vocab_size != mine.vocab_size || a.bos_id != mine.bos_id ||
       a.eos_id != mine.eos_id || a.pad_id != mine.pad_id || a.max_length != mine.max_length ||
       a.max_prompt_length != mine.max_prompt_length)
     throw PreferenceFileError(part + ": cannot append to " + path_ +

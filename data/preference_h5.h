@@ -40,9 +40,14 @@ struct PreferenceAttrs {
   /// Examples in the file (the writer sets it at close(); ignored when writing).
   int64_t num_examples = 0;
   int64_t vocab_size = 0;
+  /// bos_id is -1 for a tokenizer without bos (Qwen); eos_id and pad_id are valid ids.
   int64_t bos_id = -1, eos_id = -1, pad_id = -1;
-  /// Lowercase hex SHA-256 of the tokenizer.model bytes that tokenized the file.
+  /// Lowercase hex SHA-256 of the tokenizer file (tokenizer.model or tokenizer.json)
+  /// that tokenized the file.
   std::string tokenizer_sha256;
+  /// "sentencepiece" | "tokenizers-json" (tokenizer_type_name()); files without the
+  /// attribute (written before tokenizer.json support) read as "sentencepiece".
+  std::string tokenizer_type = "sentencepiece";
   int64_t max_length = 0, max_prompt_length = 0;
   /// Input file names, in input order (as given to dpo_preprocess).
   std::vector<std::string> source;

@@ -24,14 +24,16 @@ void validate_limits(int64_t max_length, int64_t max_prompt_length) {
     throw std::invalid_argument("--max_length " + std::to_string(max_length) + " is unreasonably large (max 2^30)");
 }
 
-InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t max_prompt_length) {
+InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t max_prompt_length,
+                              bool keep_first) {
   auto& p = t->prompt;
   t->prompt_truncated = t->chosen_truncated = t->rejected_truncated = false;
   if (int64_t(p.size()) > max_prompt_length) {
-    // Keep bos (p[0]) and the last max_prompt_length - 1 tokens: TRL's keep_end, but the
-    // sequence still starts with bos.
-    const int64_t keep = max_prompt_length - 1;
-    std::move(p.end() - keep, p.end(), p.begin() + 1);
+    // TRL's keep_end; with bos, keep it (p[0]) and the last max_prompt_length - 1 tokens,
+    // so the sequence still starts with bos.
+    const int64_t head = keep_first ? 1 : 0;
+    const int64_t keep = max_prompt_length - head;
+    std::move(p.end() - keep, p.end(), p.begin() + head);
     p.resize(max_prompt_length);
     t->prompt_truncated = true;
   }
@@ -52,20 +54,32 @@ InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t ma
   return InvalidReason::kNone;
 }
 
-InvalidReason tokenize_triple(const Tokenizer& tok, const RawTriple& raw, int64_t max_length,
+InvalidReason tokenize_triple(const TextTokenizer& tok, const RawTriple& raw, int64_t max_length,
                               int64_t max_prompt_length, TokenizedTriple* out, int64_t* encoded_tokens) {
-  // Encode straight after the bos slot to avoid a shift of the whole prompt.
+  if (raw.templated) {
+    tok.encode(raw.prompt, &out->prompt);
+    tok.encode(raw.chosen, &out->chosen);
+    tok.encode(raw.rejected, &out->rejected);
+    if (encoded_tokens) *encoded_tokens = int64_t(out->prompt.size() + out->chosen.size() + out->rejected.size());
+    const bool starts_with_bos = tok.bos_id() >= 0 && !out->prompt.empty() && out->prompt[0] == tok.bos_id();
+    return truncate_triple(out, max_length, max_prompt_length, starts_with_bos);
+  }
   static thread_local std::vector<int32_t> ids;
-  tok.encode(raw.prompt, &ids);
-  out->prompt.resize(ids.size() + 1);
-  out->prompt[0] = tok.bos_id();
-  std::copy(ids.begin(), ids.end(), out->prompt.begin() + 1);
+  const bool bos = tok.bos_id() >= 0;
+  if (bos) {
+    tok.encode(raw.prompt, &ids);
+    out->prompt.resize(ids.size() + 1);
+    out->prompt[0] = tok.bos_id();
+    std::copy(ids.begin(), ids.end(), out->prompt.begin() + 1);
+  } else {
+    tok.encode(raw.prompt, &out->prompt);
+  }
   tok.encode(raw.chosen, &out->chosen);
   out->chosen.push_back(tok.eos_id());
   tok.encode(raw.rejected, &out->rejected);
   out->rejected.push_back(tok.eos_id());
   if (encoded_tokens) *encoded_tokens = int64_t(out->prompt.size() + out->chosen.size() + out->rejected.size());
-  return truncate_triple(out, max_length, max_prompt_length);
+  return truncate_triple(out, max_length, max_prompt_length, bos);
 }
 
 // ---------------------------------------------------------------------------
@@ -328,22 +342,44 @@ int64_t count_newlines(const std::string& path, int64_t end) {
   return count;
 }
 
+// The kind of a file's rows: that of its first line that is a JSON object (every rank
+// reads it from the file's start, so all ranks agree whatever their share). *line gets
+// its 1-based line number.
+RowKind file_row_kind(const std::string& path, InputFormat format, int64_t* line_no) {
+  LineReader reader(path, 0);
+  std::string_view line;
+  int64_t pos = 0, n = 0;
+  while (reader.next(&line, &pos)) {
+    ++n;
+    if (pos == 0 && line.size() >= 3 && line.substr(0, 3) == "\xEF\xBB\xBF") line.remove_prefix(3);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (is_blank(line)) continue;
+    RowKind k = preference_row_kind(line, format);
+    if (k != RowKind::kUnknown) {
+      *line_no = n;
+      return k;
+    }
+  }
+  return RowKind::kUnknown;
+}
+
 }  // namespace
 
-PreferenceAttrs preprocess_attrs(const Tokenizer& tok, const PreprocessOptions& opts) {
+PreferenceAttrs preprocess_attrs(const TextTokenizer& tok, const PreprocessOptions& opts) {
   PreferenceAttrs a;
   a.vocab_size = tok.vocab_size();
   a.bos_id = tok.bos_id();
   a.eos_id = tok.eos_id();
   a.pad_id = tok.pad_id();
   a.tokenizer_sha256 = tok.sha256();
+  a.tokenizer_type = tokenizer_type_name(tok.kind());
   a.max_length = opts.max_length;
   a.max_prompt_length = opts.max_prompt_length;
   a.source = opts.inputs;
   return a;
 }
 
-void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
+void preprocess_range(const TextTokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
                       int64_t begin, int64_t end, PreferenceWriter* out, PreprocessStats* stats,
                       const ProgressFn& progress, const WarnFn& warn) {
   validate_limits(opts.max_length, opts.max_prompt_length);
@@ -367,6 +403,8 @@ void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const
       if (base_line < 0) base_line = count_newlines(path, first_line_start);
       return base_line + lines_in_segment;
     };
+    RowKind file_kind = RowKind::kUnknown;  // found when the first row needs it
+    int64_t file_kind_line = 0;
     int64_t consumed_to = s;  // progress within the segment
     while (reader.next(&line, &pos) && pos < e) {
       if (first_line_start < 0) first_line_start = pos;
@@ -376,7 +414,18 @@ void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const
       if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
       if (is_blank(line)) continue;
       ++stats->lines;
-      InvalidReason reason = parse_preference_line(line, opts.format, &raw, &detail);
+      RowKind kind = RowKind::kUnknown;
+      InvalidReason reason = parse_preference_line(line, opts.format, &raw, &detail, opts.chat_template, &kind);
+      if (kind != RowKind::kUnknown) {
+        if (file_kind == RowKind::kUnknown) file_kind = file_row_kind(path, opts.format, &file_kind_line);
+        if (kind != file_kind)
+          throw InvalidLineError(path + ":" + std::to_string(line_number()) + ": a " + row_kind_name(kind) +
+                                 " row in a file whose first row (line " + std::to_string(file_kind_line) +
+                                 ") is a " + row_kind_name(file_kind) +
+                                 " row; a file holds one kind of rows: split it into two files");
+      }
+      if (reason == InvalidReason::kNoChatTemplate)
+        throw InvalidLineError(path + ":" + std::to_string(line_number()) + ": " + detail);
       int64_t encoded = 0;
       if (reason == InvalidReason::kNone) {
         reason = tokenize_triple(tok, raw, opts.max_length, opts.max_prompt_length, &t, &encoded);

@@ -10,9 +10,10 @@
 #include <utility>
 #include <vector>
 
+#include "data/chat_template.h"
 #include "data/preference_h5.h"
 #include "data/sources.h"
-#include "data/tokenizer.h"
+#include "data/text_tokenizer.h"
 
 namespace dpo {
 
@@ -24,6 +25,9 @@ struct PreprocessOptions {
   int64_t max_prompt_length = 512;
   /// Skip (and count) invalid lines instead of stopping at the first one.
   bool skip_invalid = false;
+  /// The model's chat template for conversational rows (not owned). Null: a
+  /// conversational row is an error that --skip_invalid does not skip.
+  const ChatTemplate* chat_template = nullptr;
 };
 
 /// Throws std::invalid_argument naming the option when the limits are unusable:
@@ -38,16 +42,23 @@ struct TokenizedTriple {
 
 /// The truncation rule of INTERFACES.md, applied to prompt = [bos] + encode(prompt) and
 /// answers = encode(answer) + [eos]:
-///  1. a prompt longer than max_prompt_length keeps prompt[0] (bos) and its LAST
-///     max_prompt_length - 1 tokens;
+///  1. a prompt longer than max_prompt_length keeps its LAST max_prompt_length tokens
+///     (TRL's keep_end); with keep_first (the prompt starts with bos) it keeps prompt[0]
+///     and the last max_prompt_length - 1 instead;
 ///  2. each answer keeps its FIRST max_length - len(prompt) tokens.
 /// Returns kNoRoomForAnswer (and leaves the answers empty) when max_length - len(prompt)
 /// < 1, which validate_limits() rules out for the tool.
-InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t max_prompt_length);
+InvalidReason truncate_triple(TokenizedTriple* t, int64_t max_length, int64_t max_prompt_length,
+                              bool keep_first = true);
 
-/// encode + bos/eos + truncate_triple. `encoded_tokens` (optional) gets the token count
-/// before truncation (bos and eos included).
-InvalidReason tokenize_triple(const Tokenizer& tok, const RawTriple& raw, int64_t max_length,
+/// Text rows: prompt = [bos if the tokenizer has one] + encode(prompt), answers =
+/// encode(answer) + [eos], then truncate_triple (keep_first when bos was added).
+/// Rows rendered by a chat template (raw.templated): prompt = encode(prompt), answers =
+/// encode(answer), nothing added (the template wrote the special tokens), and the
+/// prompt's first token survives a keep_end cut only if it is bos.
+/// `encoded_tokens` (optional) gets the token count before truncation (bos and eos
+/// included).
+InvalidReason tokenize_triple(const TextTokenizer& tok, const RawTriple& raw, int64_t max_length,
                               int64_t max_prompt_length, TokenizedTriple* out, int64_t* encoded_tokens = nullptr);
 
 /// Counters of one run (or one rank's share; merge() adds them up). Length
@@ -110,11 +121,11 @@ using WarnFn = std::function<void(const std::string& message)>;
 /// inputs (sizes from input_sizes()), appending valid examples to `out` in input
 /// order and counting into `stats`. Without
 /// opts.skip_invalid the first invalid line throws InvalidLineError.
-void preprocess_range(const Tokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
+void preprocess_range(const TextTokenizer& tok, const PreprocessOptions& opts, const std::vector<int64_t>& sizes,
                       int64_t begin, int64_t end, PreferenceWriter* out, PreprocessStats* stats,
                       const ProgressFn& progress = {}, const WarnFn& warn = {});
 
 /// The root attributes a run writes (num_examples is set by the writer).
-PreferenceAttrs preprocess_attrs(const Tokenizer& tok, const PreprocessOptions& opts);
+PreferenceAttrs preprocess_attrs(const TextTokenizer& tok, const PreprocessOptions& opts);
 
 }  // namespace dpo

@@ -1,9 +1,12 @@
 #include "data/sources.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
+
+#include "data/chat_template.h"
 
 namespace dpo {
 
@@ -14,6 +17,14 @@ InputFormat parse_input_format(const std::string& name) {
 }
 
 const char* input_format_name(InputFormat f) { return f == InputFormat::kTrl ? "trl" : "stack-exchange"; }
+
+const char* row_kind_name(RowKind k) {
+  switch (k) {
+    case RowKind::kText: return "text";
+    case RowKind::kConversational: return "conversational";
+    default: return "unknown";
+  }
+}
 
 const char* invalid_reason_text(InvalidReason r) {
   switch (r) {
@@ -27,6 +38,10 @@ const char* invalid_reason_text(InvalidReason r) {
     case InvalidReason::kEmptyAnswer: return "empty answer";
     case InvalidReason::kIdenticalAnswers: return "chosen identical to rejected";
     case InvalidReason::kNoRoomForAnswer: return "no room for answer";
+    case InvalidReason::kBadMessage: return "bad chat message";
+    case InvalidReason::kTemplateError: return "chat template error";
+    case InvalidReason::kPromptNotPrefix: return "prompt rendering not a prefix";
+    case InvalidReason::kNoChatTemplate: return "no chat template";
     case InvalidReason::kCount: break;
   }
   return "?";
@@ -44,6 +59,10 @@ const char* invalid_reason_key(InvalidReason r) {
     case InvalidReason::kEmptyAnswer: return "empty_answer";
     case InvalidReason::kIdenticalAnswers: return "identical_answers";
     case InvalidReason::kNoRoomForAnswer: return "no_room_for_answer";
+    case InvalidReason::kBadMessage: return "bad_message";
+    case InvalidReason::kTemplateError: return "template_error";
+    case InvalidReason::kPromptNotPrefix: return "prompt_not_prefix";
+    case InvalidReason::kNoChatTemplate: return "no_chat_template";
     case InvalidReason::kCount: break;
   }
   return "?";
@@ -106,10 +125,12 @@ bool is_blank(std::string_view s) {
 
 namespace {
 
-const char* json_type_name(const nlohmann::json& v) { return v.type_name(); }
+using Json = nlohmann::ordered_json;  // key order of messages matters to templates (tojson, keys())
+
+const char* json_type_name(const Json& v) { return v.type_name(); }
 
 // Extracts a string field; returns the reason when absent or not a string.
-InvalidReason get_string(const nlohmann::json& obj, const char* key, std::string* out, std::string* detail) {
+InvalidReason get_string(const Json& obj, const char* key, std::string* out, std::string* detail) {
   auto it = obj.find(key);
   if (it == obj.end()) {
     *detail = std::string("field '") + key + "' is missing";
@@ -123,19 +144,201 @@ InvalidReason get_string(const nlohmann::json& obj, const char* key, std::string
   return InvalidReason::kNone;
 }
 
+
+bool is_conversational_field(const Json& v) { return v.is_array() && !v.empty() && v.front().is_object(); }
+
+bool object_is_conversational(const Json& obj) {
+  for (const char* key : {"prompt", "chosen", "rejected"}) {
+    auto it = obj.find(key);
+    if (it != obj.end() && is_conversational_field(*it)) return true;
+  }
+  return false;
+}
+
+// A conversational field: a non-empty list of {"role": known role, "content": string}
+// objects (other keys pass through to the template). `answer`: starts with assistant.
+InvalidReason check_messages(const Json& obj, const char* key, bool answer, std::string* detail) {
+  auto it = obj.find(key);
+  if (it == obj.end()) {
+    *detail = std::string("field '") + key + "' is missing";
+    return InvalidReason::kMissingField;
+  }
+  if (!it->is_array()) {
+    *detail = std::string("field '") + key + "' is " + json_type_name(*it) +
+              "; in a conversational row it must be a list of {\"role\", \"content\"} messages";
+    return InvalidReason::kBadMessage;
+  }
+  if (it->empty()) {
+    *detail = std::string("field '") + key + "' is an empty list of messages";
+    return answer ? InvalidReason::kEmptyAnswer : InvalidReason::kEmptyPrompt;
+  }
+  for (size_t i = 0; i < it->size(); ++i) {
+    const Json& m = (*it)[i];
+    const std::string where = std::string(key) + "[" + std::to_string(i) + "]";
+    if (!m.is_object()) {
+      *detail = where + " is " + json_type_name(m) + ", not a {\"role\", \"content\"} object";
+      return InvalidReason::kBadMessage;
+    }
+    auto role = m.find("role");
+    if (role == m.end()) {
+      *detail = where + " has no 'role'" +
+                (m.contains("from") ? std::string(" (ShareGPT's from/value? convert to role/content)") : std::string());
+      return InvalidReason::kBadMessage;
+    }
+    if (!role->is_string()) {
+      *detail = where + ".role is " + json_type_name(*role) + ", not a string";
+      return InvalidReason::kBadMessage;
+    }
+    const std::string& r = role->get_ref<const std::string&>();
+    bool known = false;
+    for (const char* k : kChatRoles) known |= r == k;
+    if (!known) {
+      *detail = where + ".role is '" + r + "'; use system, user, assistant or tool";
+      return InvalidReason::kBadMessage;
+    }
+    auto content = m.find("content");
+    if (content == m.end()) {
+      *detail = where + ".content is missing";
+      return InvalidReason::kBadMessage;
+    }
+    if (!content->is_string()) {
+      *detail = where + ".content is " + json_type_name(*content) + ", not a string";
+      return InvalidReason::kBadMessage;
+    }
+    if (answer && i == 0 && r != "assistant") {
+      *detail = where + ".role is '" + r + "'; an answer starts with an assistant message";
+      return InvalidReason::kBadMessage;
+    }
+  }
+  return InvalidReason::kNone;
+}
+
+// A short, escaped view of s[at, at+n) for messages.
+std::string snippet(const std::string& s, size_t at) {
+  std::string out = Json(s.substr(at, 24)).dump();
+  if (s.size() > at + 24) out.insert(out.size() - 1, "...");
+  return out;
+}
+
+// prompt_text = render(prompt, true); *answer_text = render(prompt + answer, false)
+// minus prompt_text.
+InvalidReason render_answer(const ChatTemplate& chat, const Json& prompt, const Json& answer,
+                            const std::string& prompt_text, const char* key, std::string* answer_text,
+                            std::string* detail) {
+  Json all = prompt;
+  for (const auto& m : answer) all.push_back(m);
+  std::string full;
+  try {
+    full = chat.render(all, false);
+  } catch (const ChatTemplateError& e) {
+    *detail = std::string("rendering prompt + ") + key + ": " + e.what();
+    return InvalidReason::kTemplateError;
+  }
+  if (full.compare(0, prompt_text.size(), prompt_text) != 0) {
+    size_t at = 0;
+    while (at < full.size() && at < prompt_text.size() && full[at] == prompt_text[at]) ++at;
+    *detail = std::string("render(prompt + ") + key +
+              ") does not start with render(prompt, add_generation_prompt=true): they differ at byte " +
+              std::to_string(at) + " (" + snippet(full, at) + " vs " + snippet(prompt_text, at) + ")";
+    return InvalidReason::kPromptNotPrefix;
+  }
+  *answer_text = full.substr(prompt_text.size());
+  if (answer_text->empty()) {
+    *detail = std::string("the ") + key + " answer renders to nothing after the prompt";
+    return InvalidReason::kEmptyAnswer;
+  }
+  return InvalidReason::kNone;
+}
+
+InvalidReason parse_conversational(const Json& obj, const ChatTemplate* chat, RawTriple* out, std::string* detail) {
+  const bool explicit_prompt = obj.contains("prompt");
+  InvalidReason r;
+  if (explicit_prompt && (r = check_messages(obj, "prompt", false, detail)) != InvalidReason::kNone) return r;
+  if ((r = check_messages(obj, "chosen", explicit_prompt, detail)) != InvalidReason::kNone) return r;
+  if ((r = check_messages(obj, "rejected", explicit_prompt, detail)) != InvalidReason::kNone) return r;
+  Json prompt, chosen, rejected;
+  if (explicit_prompt) {
+    prompt = obj["prompt"];
+    chosen = obj["chosen"];
+    rejected = obj["rejected"];
+  } else {
+    // TRL's extract_prompt: the first index where the conversations differ (or the
+    // last index of the shorter one when one is a prefix of the other).
+    const Json& c = obj["chosen"];
+    const Json& j = obj["rejected"];
+    const size_t n = std::min(c.size(), j.size());
+    size_t idx = 0;
+    for (; idx < n; ++idx)
+      if (c[idx] != j[idx]) break;
+    if (idx == n) idx = n - 1;
+    prompt = Json::array();
+    chosen = Json::array();
+    rejected = Json::array();
+    for (size_t k = 0; k < c.size(); ++k) (k < idx ? prompt : chosen).push_back(c[k]);
+    for (size_t k = idx; k < j.size(); ++k) rejected.push_back(j[k]);
+    if (prompt.empty()) {
+      *detail = "fields 'chosen' and 'rejected' share no leading message, so the row has no prompt";
+      return InvalidReason::kEmptyPrompt;
+    }
+    for (const auto* a : {&chosen, &rejected}) {
+      const char* key = a == &chosen ? "chosen" : "rejected";
+      if (a->empty()) {
+        *detail = std::string("field '") + key + "' holds only the common prompt, no answer";
+        return InvalidReason::kEmptyAnswer;
+      }
+      const std::string& role = (*a)[0]["role"].get_ref<const std::string&>();
+      if (role != "assistant") {
+        *detail = std::string(key) + "[" + std::to_string(idx) + "].role is '" + role +
+                  "'; the first message after the common prompt must be the assistant's answer";
+        return InvalidReason::kBadMessage;
+      }
+    }
+  }
+  if (chosen == rejected) {
+    *detail = "fields 'chosen' and 'rejected' hold the same messages";
+    return InvalidReason::kIdenticalAnswers;
+  }
+  if (!chat) {
+    *detail = "a conversational row needs the model's chat template: give --chat_template FILE, or a model "
+              "directory with chat_template.jinja or a chat_template in tokenizer_config.json";
+    return InvalidReason::kNoChatTemplate;
+  }
+  try {
+    out->prompt = chat->render(prompt, true);
+  } catch (const ChatTemplateError& e) {
+    *detail = std::string("rendering the prompt: ") + e.what();
+    return InvalidReason::kTemplateError;
+  }
+  if ((r = render_answer(*chat, prompt, chosen, out->prompt, "chosen", &out->chosen, detail)) != InvalidReason::kNone)
+    return r;
+  if ((r = render_answer(*chat, prompt, rejected, out->prompt, "rejected", &out->rejected, detail)) != InvalidReason::kNone)
+    return r;
+  if (out->chosen == out->rejected) {
+    *detail = "'chosen' and 'rejected' render to the same text";
+    return InvalidReason::kIdenticalAnswers;
+  }
+  out->templated = true;
+  return InvalidReason::kNone;
+}
+
 }  // namespace
 
-InvalidReason parse_preference_line(std::string_view line, InputFormat format, RawTriple* out, std::string* detail) {
+InvalidReason parse_preference_line(std::string_view line, InputFormat format, RawTriple* out, std::string* detail,
+                                    const ChatTemplate* chat, RowKind* kind) {
+  if (kind) *kind = RowKind::kUnknown;
+  out->templated = false;
   size_t bad = 0;
   if (!is_valid_utf8(line, &bad)) {
     *detail = "invalid UTF-8 at byte " + std::to_string(bad + 1) + " of the line";
     return InvalidReason::kInvalidUtf8;
   }
-  nlohmann::json obj;
+  Json obj;
   try {
-    obj = nlohmann::json::parse(line.begin(), line.end());
-  } catch (const nlohmann::json::parse_error& e) {
-    // e.what() starts with "[json.exception.parse_error.101] "; keep the readable part.
+    obj = Json::parse(line.begin(), line.end());
+  } catch (const Json::exception& e) {
+    // parse_error, and out_of_range for a number beyond double ("1e400"; found by
+    // tests/fuzz/fuzz_jsonl_rows). e.what() starts with "[json.exception.parse_error.101] ";
+    // keep the readable part.
     std::string m = e.what();
     auto sp = m.find("] ");
     *detail = sp == std::string::npos ? m : m.substr(sp + 2);
@@ -146,6 +349,9 @@ InvalidReason parse_preference_line(std::string_view line, InputFormat format, R
     return InvalidReason::kNotAnObject;
   }
   const bool trl = format == InputFormat::kTrl;
+  const bool conversational = trl && object_is_conversational(obj);
+  if (kind) *kind = conversational ? RowKind::kConversational : RowKind::kText;
+  if (conversational) return parse_conversational(obj, chat, out, detail);
   const char* keys[3] = {trl ? "prompt" : "question", trl ? "chosen" : "response_j", trl ? "rejected" : "response_k"};
   std::string* dst[3] = {&out->prompt, &out->chosen, &out->rejected};
   for (int k = 0; k < 3; ++k) {
@@ -167,6 +373,13 @@ InvalidReason parse_preference_line(std::string_view line, InputFormat format, R
   }
   if (!trl) out->prompt = "Question: " + out->prompt + "\n\nAnswer: ";
   return InvalidReason::kNone;
+}
+
+RowKind preference_row_kind(std::string_view line, InputFormat format) {
+  if (!is_valid_utf8(line)) return RowKind::kUnknown;
+  Json obj = Json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
+  if (!obj.is_object()) return RowKind::kUnknown;
+  return format == InputFormat::kTrl && object_is_conversational(obj) ? RowKind::kConversational : RowKind::kText;
 }
 
 }  // namespace dpo

@@ -1,5 +1,8 @@
 #include "data/tokenizer_info.h"
 
+#include <algorithm>
+#include <climits>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -7,7 +10,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "data/sha256.h"
+#include "data/text_tokenizer.h"
 
 namespace dpo {
 namespace {
@@ -62,13 +68,105 @@ class Wire {
 
 }  // namespace
 
+std::string resolve_tokenizer_path(const std::string& tokenizer_file, const std::string& model_dir) {
+  if (!tokenizer_file.empty() && !model_dir.empty())
+    throw std::invalid_argument("give either --tokenizer or --model_name_or_path, not both");
+  if (tokenizer_file.empty() && model_dir.empty())
+    throw std::invalid_argument("--tokenizer FILE or --model_name_or_path DIR is required");
+  if (!tokenizer_file.empty()) return tokenizer_file;
+  const std::string json = (std::filesystem::path(model_dir) / "tokenizer.json").string();
+  if (std::filesystem::exists(json)) return json;
+  return (std::filesystem::path(model_dir) / "tokenizer.model").string();
+}
+
+std::string tokenizer_file_dir(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
+}
+
+static bool bytes_look_like_json(std::string_view b) {
+  for (char c : b) {
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r') continue;
+    return c == '{';
+  }
+  return false;
+}
+
+bool tokenizer_file_is_json(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char buf[256];
+  in.read(buf, sizeof buf);
+  return bytes_look_like_json(std::string_view(buf, size_t(in.gcount())));
+}
+
 TokenizerInfo::TokenizerInfo(const std::string& model_path) : path_(model_path) {
   std::ifstream in(model_path, std::ios::binary);
-  if (!in) throw std::runtime_error(model_path + ": cannot open tokenizer model");
+  if (!in) throw std::runtime_error(model_path + ": cannot open tokenizer file");
   std::ostringstream ss;
   ss << in.rdbuf();
   const std::string bytes = ss.str();
   sha256_ = sha256_hex(bytes);
+  if (bytes_look_like_json(bytes)) {
+    type_ = tokenizer_type_name(TokenizerKind::kTokenizersJson);
+    parse_tokenizer_json(bytes);
+  } else {
+    type_ = tokenizer_type_name(TokenizerKind::kSentencepiece);
+    parse_sentencepiece(bytes);
+  }
+}
+
+void TokenizerInfo::parse_tokenizer_json(const std::string& bytes) {
+  const std::string& model_path = path_;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(bytes);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(model_path + ": not valid JSON (" + e.what() + ")");
+  }
+  const auto* vocab = j.is_object() && j.contains("model") && j["model"].is_object() && j["model"].contains("vocab")
+                          ? &j["model"]["vocab"] : nullptr;
+  if (!vocab || !vocab->is_object())
+    throw std::runtime_error(model_path + ": /model/vocab: missing or not an object (not a tokenizer.json with a BPE model)");
+  std::unordered_map<std::string, int32_t> ids;
+  int64_t max_id = -1;
+  for (auto it = vocab->begin(); it != vocab->end(); ++it) {
+    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 || it.value().get<int64_t>() > INT32_MAX)
+      throw std::runtime_error(model_path + ": /model/vocab/" + it.key() + ": not a non-negative 32-bit id");
+    ids[it.key()] = it.value().get<int32_t>();
+    max_id = std::max<int64_t>(max_id, it.value().get<int64_t>());
+  }
+  if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
+    for (size_t i = 0; i < j["added_tokens"].size(); ++i) {
+      const auto& t = j["added_tokens"][i];
+      if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() || !t.contains("content") ||
+          !t["content"].is_string() || t["id"].get<int64_t>() < 0 || t["id"].get<int64_t>() > INT32_MAX)
+        throw std::runtime_error(model_path + ": /added_tokens/" + std::to_string(i) + ": needs an integer id and a string content");
+      ids[t["content"].get<std::string>()] = t["id"].get<int32_t>();
+      max_id = std::max<int64_t>(max_id, t["id"].get<int64_t>());
+    }
+  }
+  vocab_size_ = max_id + 1;
+  const auto& model = j["model"];
+  if (model.contains("unk_token") && model["unk_token"].is_string()) {
+    auto it = ids.find(model["unk_token"].get<std::string>());
+    if (it != ids.end()) unk_id_ = it->second;
+  }
+  const SpecialTokenConfig sc = read_special_token_config(tokenizer_file_dir(model_path));
+  auto resolve = [&](bool set, const std::string& token, int32_t config_id) -> int32_t {
+    if (set) {
+      if (token.empty()) return -1;
+      auto it = ids.find(token);
+      return it == ids.end() ? -1 : it->second;
+    }
+    return config_id;
+  };
+  bos_id_ = resolve(sc.set_bos, sc.bos, sc.bos_id);
+  eos_id_ = resolve(sc.set_eos, sc.eos, sc.eos_id);
+  model_pad_id_ = resolve(sc.set_pad, sc.pad, sc.pad_id);
+}
+
+void TokenizerInfo::parse_sentencepiece(const std::string& bytes) {
+  const std::string& model_path = path_;
 
   std::vector<std::string_view> pieces;
   std::vector<uint64_t> types;

@@ -33,6 +33,8 @@ void check_tensor(const torch::Tensor& t, const char* op) {
 
 // If MPI_Abort itself hangs (a broken runtime), the watchdog must still end this rank.
 constexpr int kAbortBackstopSeconds = 30;
+// How long a timed-out rank waits for its peers to answer the probe (peer_probe.h).
+constexpr double kProbeSeconds = 3.0;
 
 }  // namespace
 
@@ -56,10 +58,30 @@ Watchdog& Communicator::watchdog() {
         std::this_thread::sleep_for(std::chrono::seconds(kAbortBackstopSeconds));
         std::_Exit(kExitWatchdog);
       }).detach();
-      abort(kExitWatchdog, message.substr(label.size() + 2));  // abort() prefixes who() again
+      std::string why = message.substr(label.size() + 2);  // abort() prefixes who() again
+      if (!peer_endpoints_.empty()) {
+        const std::vector<std::string> silent = probe_peers(peer_endpoints_, rank(), kProbeSeconds);
+        std::string list;
+        for (const auto& s : silent) list += (list.empty() ? "" : ", ") + s;
+        why += silent.empty() ? " (every other rank still answers: a peer is slow or stuck, not lost)"
+                              : " (stopped answering: " + list + ")";
+      }
+      abort(kExitWatchdog, why);
     });
   }
   return *watchdog_;
+}
+
+void Communicator::enable_peer_probe() {
+  std::string mine;
+  try {
+    responder_ = std::make_unique<PeerResponder>();
+    mine = responder_->endpoint();
+  } catch (const std::exception&) {
+    responder_.reset();  // no probing of this rank: peers will list it as not answering
+  }
+  std::vector<std::string> all = allgather_string(mine);
+  if (!mine.empty()) peer_endpoints_ = std::move(all);
 }
 
 void Communicator::set_timeout(double seconds) {

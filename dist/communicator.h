@@ -38,6 +38,7 @@
 #include <torch/types.h>
 
 #include "dist/mpi_base.h"  // CommError
+#include "dist/peer_probe.h"
 #include "dist/watchdog.h"
 
 namespace dpo {
@@ -90,6 +91,11 @@ class Communicator {
   /// Arms the watchdog around a larger piece of work (a training step) until the guard
   /// dies. seconds <= 0 returns an empty guard. what: e.g. "training step 12".
   [[nodiscard]] Watchdog::Guard watch(const std::string& what, double seconds);
+  /// Collective (one allgather): starts this rank's PeerResponder (peer_probe.h) and
+  /// learns every rank's endpoint. From then on a watchdog timeout probes the other
+  /// ranks before aborting and names those that stopped answering. Best effort: when
+  /// this rank cannot listen on a TCP port, messages stay as they were.
+  void enable_peer_probe();
 
  protected:
   // Backend hooks. The public wrappers have validated the arguments (defined,
@@ -110,7 +116,9 @@ class Communicator {
   Watchdog& watchdog();
 
   double timeout_s_ = 0.0;
-  std::unique_ptr<Watchdog> watchdog_;  // started on the first armed guard
+  std::unique_ptr<PeerResponder> responder_;   // enable_peer_probe()
+  std::vector<std::string> peer_endpoints_;    // index = rank; empty = no probing
+  std::unique_ptr<Watchdog> watchdog_;  // started on the first armed guard (last: stops first)
 };
 
 /// One backend and whether this build/machine can use it.

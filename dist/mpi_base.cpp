@@ -107,6 +107,15 @@ bool MpiSession::active() {
   return inited && !fin;
 }
 
+void mpi_abort_job(int code) {
+  std::thread([code] {
+    std::this_thread::sleep_for(std::chrono::seconds(30));
+    std::_Exit(code);
+  }).detach();
+  if (MpiSession::active()) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
 int MpiSession::world_rank() {
   if (!active()) return -1;
   int r = -1;

@@ -64,6 +64,11 @@ class MpiSession {
 /// The name of this host (gethostname), "unknown" if it cannot be read.
 std::string this_host();
 
+/// Takes the whole job down with exit status `code` (MPI_Abort on MPI_COMM_WORLD; _Exit
+/// when MPI is not active or MPI_Abort has not ended this process within 30 s). For
+/// failures before a communicator exists, e.g. the watchdog over communicator creation.
+[[noreturn]] void mpi_abort_job(int code);
+
 enum class HostOp { sum, min, max };
 
 struct HostCommOptions {

@@ -7,7 +7,10 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
+
+#include "launch/report.h"
 
 namespace dpo {
 
@@ -109,8 +112,22 @@ void TensorBoardWriter::flush() {
 }
 
 MetricsLog::MetricsLog(const std::string& output_dir, const std::string& report_to)
-    : jsonl_path_(output_dir + "/metrics.jsonl"), enabled_(report_to != "none") {
-  if (report_to == "tensorboard") tb_ = std::make_unique<TensorBoardWriter>(output_dir + "/runs");
+    : output_dir_(output_dir), jsonl_path_(output_dir + "/metrics.jsonl"), enabled_(report_to != "none") {
+  std::stringstream in(report_to);
+  for (std::string sink; std::getline(in, sink, ',');) {
+    if (sink == "tensorboard") tb_ = std::make_unique<TensorBoardWriter>(output_dir + "/runs");
+    if (sink == "html") html_ = true;
+  }
+}
+
+void MetricsLog::refresh_report() {
+  try {
+    report_write({output_dir_}, output_dir_ + "/report.html");
+  } catch (const std::exception& e) {
+    // The report is a view of metrics.jsonl: a failure to draw it must not stop training.
+    if (!report_warned_) std::fprintf(stderr, "warning: %s/report.html not updated: %s\n", output_dir_.c_str(), e.what());
+    report_warned_ = true;
+  }
 }
 
 void MetricsLog::log(const nlohmann::json& ev) {
@@ -133,6 +150,7 @@ void MetricsLog::log(const nlohmann::json& ev) {
     }
     tb_->flush();
   }
+  if (html_) refresh_report();
 }
 
 std::string format_duration(double s) {

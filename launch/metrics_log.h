@@ -37,7 +37,9 @@ uint32_t crc32c(const void* data, size_t n);
 
 class MetricsLog {
  public:
-  /// report_to: none | jsonl | tensorboard (tensorboard writes jsonl too).
+  /// report_to: none, or a comma-separated list of jsonl | tensorboard | html
+  /// (metrics.jsonl is written for any of them; html redraws report.html after
+  /// every event, atomically).
   MetricsLog(const std::string& output_dir, const std::string& report_to);
   /// Writes one event (a JSON object with "step") to every sink, flushed.
   void log(const nlohmann::json& event);
@@ -46,8 +48,9 @@ class MetricsLog {
   void set_history(std::vector<nlohmann::json> h) { history_ = std::move(h); }
 
  private:
-  std::string jsonl_path_;
-  bool enabled_;
+  void refresh_report();
+  std::string output_dir_, jsonl_path_;
+  bool enabled_, html_ = false, report_warned_ = false;
   std::unique_ptr<TensorBoardWriter> tb_;
   std::vector<nlohmann::json> history_;
 };

@@ -5,6 +5,7 @@
 
 #include <torch/cuda.h>
 
+#include "core/modules_to_save.h"
 #include "data/tokenizer_info.h"
 
 namespace fs = std::filesystem;
@@ -49,6 +50,7 @@ void attach_peft_adapter(LoadedModel& m, const std::string& dir) {
   LoraConfig cfg = lora_config_load(dir);
   lora_attach(m.projections, cfg, 0);
   lora_load_peft(m.projections, dir);
+  modules_to_save_load(m.model, cfg.modules_to_save, dir);
 }
 
 LoadedModel load_model(const ModelSetupOptions& o) {
@@ -69,14 +71,15 @@ LoadedModel load_model(const ModelSetupOptions& o) {
   q.compute_dtype = compute_dtype_from(o.compute_dtype, o.device);
   m.model = llama_load(o.model_dir, q, m.device);
   m.projections = m.model->named_projections();
-  m.tokenizer_path = (fs::path(o.model_dir) / "tokenizer.model").string();
+  // The file dpo_preprocess would use: tokenizer.json when present, else tokenizer.model.
+  m.tokenizer_path = resolve_tokenizer_path("", o.model_dir);
   if (fs::exists(m.tokenizer_path)) {
     TokenizerInfo tok(m.tokenizer_path);
     m.tokenizer_sha256 = tok.sha256();
     m.tokenizer_vocab = tok.vocab_size();
     if (m.tokenizer_vocab > m.model->config().vocab_size)
       throw std::runtime_error(m.tokenizer_path + " has " + std::to_string(m.tokenizer_vocab) +
-                               " pieces but config.json's vocab_size is " + std::to_string(m.model->config().vocab_size) +
+                               " ids but config.json's vocab_size is " + std::to_string(m.model->config().vocab_size) +
                                ": the tokenizer does not belong to this model");
   }
   return m;

@@ -25,8 +25,8 @@ struct ModelSetupOptions {
 struct LoadedModel {
   LlamaModel model{nullptr};
   std::vector<std::pair<std::string, FrozenLinear>> projections;  // HF names, layer order
-  std::string tokenizer_path;    // <model_dir>/tokenizer.model
-  std::string tokenizer_sha256;  // "" when the directory has no tokenizer.model
+  std::string tokenizer_path;    // <model_dir>/tokenizer.json if present, else <model_dir>/tokenizer.model
+  std::string tokenizer_sha256;  // "" when the directory has neither
   int64_t tokenizer_vocab = 0;
   torch::Device device{torch::kCPU};
 };

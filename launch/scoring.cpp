@@ -10,7 +10,10 @@ std::vector<ExampleScore> score_examples(LoadedModel& m, const PreferenceReader&
   torch::NoGradGuard ng;
   const bool was_training = m.model->is_training();
   m.model->eval();
-  if (!adapters) lora_set_enabled(m.projections, false);
+  if (!adapters) {
+    lora_set_enabled(m.projections, false);
+    m.model->set_modules_to_save_enabled(false);  // the original embeddings/lm_head too
+  }
   std::vector<ExampleScore> out;
   out.reserve(indices.size());
   try {
@@ -36,10 +39,12 @@ std::vector<ExampleScore> score_examples(LoadedModel& m, const PreferenceReader&
     }
   } catch (...) {
     lora_set_enabled(m.projections, true);
+    m.model->set_modules_to_save_enabled(true);
     if (was_training) m.model->train();
     throw;
   }
   lora_set_enabled(m.projections, true);
+  m.model->set_modules_to_save_enabled(true);
   if (was_training) m.model->train();
   return out;
 }

@@ -1,6 +1,7 @@
 #include "launch/train_options.h"
 
 #include <set>
+#include <sstream>
 
 #include "core/dpo.h"
 #include "core/schedule.h"
@@ -28,7 +29,10 @@ void add_train_options(Cli& c) {
   c.add_bool("group_by_length", false, "batch examples of similar length (less padding)");
   c.add_string("stage", "dpo", "dpo|sft");
   c.add_double("beta", 0.1, "DPO temperature beta");
-  c.add_string("loss_type", "sigmoid", joined(dpo_loss_types(), "|"));
+  c.add_string("loss_type", "sigmoid",
+               joined(dpo_loss_types(), "|") + ", or a comma-separated mixture of them (TRL's names and formulas)");
+  c.add_list("loss_weights", "", "weights of the --loss_type mixture, one per type (default 1 each)");
+  c.add_double("discopop_tau", 0.05, "DiscoPOP temperature tau (loss_type discopop)");
   c.add_double("label_smoothing", 0.0, "conservative DPO label smoothing in [0, 0.5)");
   c.add_double("rpo_alpha", 0.0, "weight of the chosen-answer NLL added to the DPO loss (0 = off)");
   c.add_bool("precompute_ref_log_probs", false, "compute reference log-probs once and store them in the HDF5 files");
@@ -38,7 +42,7 @@ void add_train_options(Cli& c) {
   c.add_string("lr_scheduler_type", "cosine", joined(schedule_types(), "|"));
   c.add_int("warmup_steps", 0, "linear warmup steps (wins over warmup_ratio when > 0)");
   c.add_double("warmup_ratio", 0.0, "warmup as a fraction of the total steps");
-  c.add_double("weight_decay", 0.0, "AdamW decoupled weight decay (LoRA weights only)");
+  c.add_double("weight_decay", 0.0, "AdamW decoupled weight decay (trainable weights only: LoRA, modules_to_save)");
   c.add_double("adam_beta1", 0.9, "AdamW beta1");
   c.add_double("adam_beta2", 0.999, "AdamW beta2");
   c.add_double("adam_epsilon", 1e-8, "AdamW epsilon");
@@ -55,16 +59,22 @@ void add_train_options(Cli& c) {
   c.add_double("lora_dropout", 0.05, "dropout on the LoRA input");
   c.add_list("lora_target_modules", "q_proj,v_proj", "projections with adapters (or all-linear)");
   c.add_bool("use_rslora", false, "scaling alpha/sqrt(r)");
+  c.add_list("modules_to_save", "",
+             "embed_tokens and/or lm_head: train full copies next to the adapters (PEFT modules_to_save; one shared copy "
+             "when the model ties them)");
   c.add_int("logging_steps", 10, "log every N optimizer steps");
   c.add_int("eval_steps", 0, "evaluate every N steps (0 = only at the end)");
   c.add_int("save_steps", 500, "checkpoint every N steps (0 = only at the end)");
   c.add_int("save_total_limit", 0, "keep at most N checkpoints (0 = all; the newest is never removed)");
   c.add_string("resume_from_checkpoint", "", "auto (newest complete checkpoint in output_dir, if any) or DIR");
-  c.add_string("report_to", "jsonl", "none|jsonl|tensorboard (tensorboard also writes jsonl)");
+  c.add_string("report_to", "jsonl",
+               "none, or a comma-separated list of jsonl|tensorboard|html (metrics.jsonl is always written; "
+               "html refreshes OUTPUT_DIR/report.html at every log event)");
   c.add_string("progress", "auto", "auto|on|off: live progress line (auto: when stderr is a terminal)");
   c.add_int("threads", 0, "compute threads per rank (0 = cores of the node / ranks on the node)");
   c.add_double("collective_timeout", 600, "seconds a step or collective may hang before the job is aborted (0 = off)");
   c.add_string("backend", "auto", "communication backend: auto|mpi|nccl|fake");
+  c.add_bool("dry_run", false, "print the plan (ranks, batch, steps, tokens, memory per rank, resume) and exit");
 }
 
 namespace {
@@ -86,6 +96,24 @@ void core_check(Fn&& fn) {
 }
 }  // namespace
 
+DpoOptions TrainOptions::dpo_options() const {
+  DpoOptions d;
+  d.beta = beta;
+  d.loss_type = loss_type;
+  d.loss_weights = loss_weights;
+  d.label_smoothing = label_smoothing;
+  d.rpo_alpha = rpo_alpha;
+  d.discopop_tau = discopop_tau;
+  return d;
+}
+
+bool TrainOptions::reports_to(const std::string& sink) const {
+  std::stringstream in(report_to);
+  for (std::string t; std::getline(in, t, ',');)
+    if (t == sink) return true;
+  return false;
+}
+
 TrainOptions train_options_from(const Cli& c) {
   TrainOptions o;
   o.model_name_or_path = c.get_string("model_name_or_path");
@@ -103,6 +131,14 @@ TrainOptions train_options_from(const Cli& c) {
   o.loss_type = c.get_string("loss_type");
   o.label_smoothing = c.get_double("label_smoothing");
   o.rpo_alpha = c.get_double("rpo_alpha");
+  for (const auto& w : c.get_list("loss_weights")) {
+    std::istringstream in(w);
+    double v;
+    in >> v;
+    if (!in || !in.eof()) throw CliError("option --loss_weights: '" + w + "' is not a number (e.g. --loss_weights 0.8,0.2,1.0)");
+    o.loss_weights.push_back(v);
+  }
+  o.discopop_tau = c.get_double("discopop_tau");
   o.precompute_ref_log_probs = c.get_bool("precompute_ref_log_probs");
   o.padding_free = c.get_bool("padding_free");
   o.prefix_sharing = c.get_bool("prefix_sharing");
@@ -127,6 +163,7 @@ TrainOptions train_options_from(const Cli& c) {
   o.lora_dropout = c.get_double("lora_dropout");
   o.lora_target_modules = c.get_list("lora_target_modules");
   o.use_rslora = c.get_bool("use_rslora");
+  o.modules_to_save = c.get_list("modules_to_save");
   o.logging_steps = c.get_int("logging_steps");
   o.eval_steps = c.get_int("eval_steps");
   o.save_steps = c.get_int("save_steps");
@@ -137,6 +174,7 @@ TrainOptions train_options_from(const Cli& c) {
   o.threads = c.get_int("threads");
   o.collective_timeout = c.get_double("collective_timeout");
   o.backend = c.get_string("backend");
+  o.dry_run = c.get_bool("dry_run");
   o.dump = c.dump();
 
   require(!o.model_name_or_path.empty(), "option --model_name_or_path is required (a Hugging Face Llama directory)");
@@ -148,7 +186,15 @@ TrainOptions train_options_from(const Cli& c) {
   one_of("bnb_4bit_quant_type", o.bnb_4bit_quant_type, {"nf4"});
   one_of("bnb_4bit_compute_dtype", o.bnb_4bit_compute_dtype, {"auto", "float32", "bfloat16", "float16"});
   one_of("device", o.device, {"cpu", "cuda"});
-  one_of("report_to", o.report_to, {"none", "jsonl", "tensorboard"});
+  {
+    std::vector<std::string> sinks;
+    std::stringstream in(o.report_to);
+    for (std::string t; std::getline(in, t, ',');) sinks.push_back(t);
+    if (sinks.empty()) sinks.push_back("");
+    for (const auto& t : sinks) one_of("report_to", t, {"none", "jsonl", "tensorboard", "html"});
+    require(!(sinks.size() > 1 && o.report_to.find("none") != std::string::npos),
+            "option --report_to: none cannot be combined with other sinks");
+  }
   one_of("progress", o.progress, {"auto", "on", "off"});
   one_of("backend", o.backend, {"auto", "mpi", "nccl", "fake"});
   require(o.learning_rate >= 0, "option --learning_rate must be >= 0");
@@ -167,6 +213,12 @@ TrainOptions train_options_from(const Cli& c) {
   require(o.lora_alpha > 0, "option --lora_alpha must be > 0");
   require(o.lora_dropout >= 0 && o.lora_dropout < 1, "option --lora_dropout must be in [0, 1)");
   require(!o.lora_target_modules.empty(), "option --lora_target_modules is empty");
+  for (size_t i = 0; i < o.modules_to_save.size(); ++i) {
+    const std::string& m = o.modules_to_save[i];
+    require(m == "embed_tokens" || m == "lm_head",
+            "option --modules_to_save: '" + m + "' is not one of embed_tokens, lm_head");
+    for (size_t k = 0; k < i; ++k) require(o.modules_to_save[k] != m, "option --modules_to_save names '" + m + "' twice");
+  }
   require(o.logging_steps >= 1, "option --logging_steps must be >= 1");
   require(o.eval_steps >= 0 && o.save_steps >= 0 && o.save_total_limit >= 0,
           "options --eval_steps, --save_steps, --save_total_limit must be >= 0");
@@ -175,10 +227,9 @@ TrainOptions train_options_from(const Cli& c) {
   if (o.stage == "sft") {
     require(!o.precompute_ref_log_probs, "option --precompute_ref_log_probs applies to --stage dpo only");
   }
-  if (o.device == "cuda" && o.backend == "mpi") {
-    // allowed (MPI over host copies) would be slow and is not implemented
-    throw CliError("option --backend mpi with --device cuda is not supported: use --backend nccl or auto");
-  }
+  // --backend mpi with --device cuda reduces the adapter gradients through host copies
+  // (dist/mpi_communicator.h): slower than NCCL, and the reference the GPU check compares
+  // the NCCL backend against (scripts/gpu/check.sh).
   return o;
 }
 

@@ -25,9 +25,11 @@ struct TrainOptions {
   // objective
   std::string stage = "dpo";  // dpo | sft
   double beta = 0.1;
-  std::string loss_type = "sigmoid";
+  std::string loss_type = "sigmoid";     // one type or a comma-separated mixture
+  std::vector<double> loss_weights;      // empty = 1 per type
   double label_smoothing = 0.0;
   double rpo_alpha = 0.0;
+  double discopop_tau = 0.05;
   bool precompute_ref_log_probs = false;
   bool padding_free = false;   // DPO micro-batch in one row (launch/dpo_step.h)
   bool prefix_sharing = false; // [prompt; chosen; rejected] per pair
@@ -52,31 +54,29 @@ struct TrainOptions {
   double lora_dropout = 0.05;
   std::vector<std::string> lora_target_modules{"q_proj", "v_proj"};
   bool use_rslora = false;
+  std::vector<std::string> modules_to_save;  // embed_tokens, lm_head (PEFT modules_to_save)
   // logging, eval, checkpoints
   int64_t logging_steps = 10;
   int64_t eval_steps = 0;  // 0 = only at the end
   int64_t save_steps = 500;
   int64_t save_total_limit = 0;  // 0 = keep all
   std::string resume_from_checkpoint;  // "" | auto | DIR
-  std::string report_to = "jsonl";     // none | jsonl | tensorboard (jsonl always written unless none)
+  std::string report_to = "jsonl";     // none | list of jsonl, tensorboard, html (jsonl always written unless none)
   std::string progress = "auto";       // auto | on | off
   // processes
   int64_t threads = 0;                 // 0 = cores of this node / ranks on this node
   double collective_timeout = 600;     // seconds; 0 = off
   std::string backend = "auto";        // auto | mpi | nccl | fake
+  bool dry_run = false;                // print the plan and exit
+
+  /// The objective's options (core/dpo) from these.
+  DpoOptions dpo_options() const;
+  /// True when --report_to lists `sink` (jsonl, tensorboard, html).
+  bool reports_to(const std::string& sink) const;
 
   /// name=value of every option, for training_args.json and the compat check.
   std::vector<std::pair<std::string, std::string>> dump;
 
-  /// The objective's options (core/dpo.h), for validation and the trainer.
-  DpoOptions dpo_options() const {
-    DpoOptions d;
-    d.beta = beta;
-    d.loss_type = loss_type;
-    d.label_smoothing = label_smoothing;
-    d.rpo_alpha = rpo_alpha;
-    return d;
-  }
 };
 
 /// Declares all dpo_dist options on cli.

@@ -2,20 +2,18 @@
 
 #include <unistd.h>
 
-#include <ATen/core/Generator.h>
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/dpo.h"
+#include "core/modules_to_save.h"
 #include "core/optim.h"
 #include "core/safetensors.h"
 #include "core/schedule.h"
@@ -27,6 +25,7 @@
 #include "launch/dpo_step.h"
 #include "launch/metrics_log.h"
 #include "launch/model_setup.h"
+#include "launch/rng_state.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
 #include "util/fs.h"
@@ -43,27 +42,6 @@ constexpr const char* kResumeRecord = "dpo_dist_state.json";
 
 using Clock = std::chrono::steady_clock;
 
-// ---- RNG state of this rank (LoRA dropout draws from the default CPU generator)
-torch::Tensor rng_state_get() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-void rng_state_set(const torch::Tensor& s) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(s);
-}
-
-std::string tensor_bytes(const torch::Tensor& t) {
-  auto c = t.contiguous().to(torch::kCPU);
-  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
-}
-torch::Tensor bytes_tensor(const std::string& s) {
-  auto t = torch::empty({static_cast<int64_t>(s.size())}, torch::kUInt8);
-  std::memcpy(t.data_ptr(), s.data(), s.size());
-  return t;
-}
 
 // The settings a checkpoint must agree on to be resumed (docs/usage.md, "Resuming").
 json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_batch) {
@@ -77,6 +55,7 @@ json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_b
               {"lora_alpha", o.lora_alpha},
               {"use_rslora", o.use_rslora},
               {"lora_target_modules", o.lora_target_modules},
+              {"modules_to_save", o.modules_to_save},
               {"global_batch", global_batch},
               {"load_in_4bit", o.load_in_4bit}};
 }
@@ -109,9 +88,14 @@ class Trainer {
   void resume(const std::string& dir);
   void maybe_precompute_ref(const std::string& path, std::unique_ptr<PreferenceReader>& reader);
   void train_step();
+  void set_reference_mode(bool on);
   torch::Tensor reference_logps(const ModelBatch& b);
-  DpoStepLoss batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens, double* flops);
+  torch::Tensor reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask);
+  DpoStepLoss batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens, double* flops,
+                             torch::Tensor* ref_out = nullptr);
   DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
+  DpoMetrics step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens);
+  DpoGlobalTerms global_terms(const std::vector<double>& local, size_t* offset);
   SftMetrics micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   void log_train();
   void evaluate();
@@ -136,6 +120,7 @@ class Trainer {
   DpoOptions dpo_opts_;
   DpoStepOptions step_opts_;
   double peak_gflops_ = 0;  // fp32 matmul peak of a rank, averaged over ranks (train_mfu)
+  bool global_terms_ = false;
   ScheduleOptions sched_;
 
   int64_t global_batch_ = 0, steps_per_epoch_ = 0, total_steps_ = 0, global_step_ = 0;
@@ -147,16 +132,23 @@ class Trainer {
   int64_t win_steps_ = 0;
   int64_t last_saved_step_ = -1;
   double step_flops_ = 0;  // executed FLOPs of this rank's current step
+  RankGenerators rng_;  // LoRA dropout's generators (CPU, + this rank's GPU on --device cuda)
   std::vector<json> history_;
 };
 
 void Trainer::setup() {
+  // Every collective from here on, the set-up barriers included, is under the watchdog.
+  comm_.set_timeout(o_.collective_timeout);
   // 1. options that depend on the process layout
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
   dpo_opts_ = o_.dpo_options();
   validate_dpo_options(dpo_opts_);
   step_opts_.share_prompt = o_.prefix_sharing;
   step_opts_.padding_free = o_.padding_free;
+  // aot / aot_unpaired sort over the whole global batch: train_step gathers every
+  // rank's log-ratios and adds those terms itself (docs/objective.md).
+  global_terms_ = o_.stage == "dpo" && dpo_has_global_terms(dpo_opts_);
+  dpo_opts_.skip_global_terms = global_terms_;
 
   // 2. output dir (rank 0 creates; everyone checks it exists after a barrier)
   if (rank_ == 0) {
@@ -182,6 +174,8 @@ void Trainer::setup() {
   lora_cfg_.dropout = o_.lora_dropout;
   lora_cfg_.target_modules = o_.lora_target_modules;
   lora_cfg_.use_rslora = o_.use_rslora;
+  lora_cfg_.modules_to_save = o_.modules_to_save;
+  lora_cfg_.ensure_weight_tying = !o_.modules_to_save.empty() && m_.model->config().tie_word_embeddings;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
   // The chunked attention kernel with the packed path; the plain path stays TRL's.
@@ -189,19 +183,25 @@ void Trainer::setup() {
                                                                       : AttentionKernel::kDense);
   m_.model->train();
   params_ = lora_parameters(m_.projections);
+  // modules_to_save: full fp32 copies, trained, synced and saved with the adapters.
+  for (auto& p : modules_to_save_attach(m_.model, o_.modules_to_save)) params_.push_back(p);
   int64_t n_params = 0;
   for (auto& p : params_) n_params += p.second.numel();
   say("model " + o_.model_name_or_path + " loaded in " +
       std::to_string(std::chrono::duration<double>(Clock::now() - t0).count()).substr(0, 5) + " s (" +
       (o_.load_in_4bit ? "NF4" : "dense") + "), LoRA r=" + std::to_string(o_.lora_r) + " on " +
-      std::to_string(params_.size() / 2) + " projections: " + std::to_string(n_params) + " trainable parameters");
+      std::to_string(lora_parameters(m_.projections).size() / 2) + " projections" +
+      (o_.modules_to_save.empty() ? std::string() : " + modules_to_save " + json(o_.modules_to_save).dump()) + ": " +
+      std::to_string(n_params) + " trainable parameters");
 
   // 4. data
   train_ = std::make_unique<PreferenceReader>(o_.train_file);
   check_data_matches_model(m_, o_.train_file, train_->attrs().tokenizer_sha256, train_->attrs().vocab_size);
+  llama_check_max_length(m_.model->config(), train_->attrs().max_length, o_.train_file + " on " + o_.model_name_or_path);
   if (!o_.eval_file.empty()) {
     eval_ = std::make_unique<PreferenceReader>(o_.eval_file);
     check_data_matches_model(m_, o_.eval_file, eval_->attrs().tokenizer_sha256, eval_->attrs().vocab_size);
+    llama_check_max_length(m_.model->config(), eval_->attrs().max_length, o_.eval_file + " on " + o_.model_name_or_path);
   }
   if (train_->size() == 0) throw std::runtime_error(o_.train_file + " holds no examples");
   std::vector<int64_t> lengths;
@@ -231,12 +231,13 @@ void Trainer::setup() {
   std::vector<torch::Tensor> ps;
   for (auto& p : params_) ps.push_back(p.second);
   grad_sync_ = std::make_unique<GradSync>(comm_, ps);
-  comm_.set_timeout(o_.collective_timeout);
   // train_mfu = executed FLOPs / (this peak x ranks x seconds).
   peak_gflops_ = comm_.allreduce_sum(measure_matmul_gflops(1024, 3)) / world_;
 
-  // 6. dropout RNG: distinct per rank, reproducible from the seed
+  // 6. dropout RNG: distinct per rank, reproducible from the seed (manual_seed seeds the
+  // CPU generator and every visible GPU's)
   torch::manual_seed(static_cast<uint64_t>(o_.seed) * 1000003ULL + static_cast<uint64_t>(rank_));
+  rng_ = default_rank_generators(m_.device);
 
   // 7. resume
   std::string resume_dir;
@@ -352,6 +353,7 @@ void Trainer::resume(const std::string& dir) {
     throw std::runtime_error("cannot resume from " + dir + ": it was written with different settings (" + diff +
                              "); use the original settings, or a new --output_dir to start fresh");
   lora_load_peft(m_.projections, dir);
+  modules_to_save_load(m_.model, o_.modules_to_save, dir);
   SafetensorsFile opt_file(dir + "/optimizer.safetensors");
   std::vector<std::pair<std::string, torch::Tensor>> state;
   for (const auto& n : opt_file.names()) state.emplace_back(n, opt_file.get(n).clone());
@@ -369,58 +371,74 @@ void Trainer::resume(const std::string& dir) {
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
   win_flops_ = w.value("flops", 0.0);
-  // Every rank's dropout generator continues where it stopped; with another
-  // world size the ranks' streams cannot map one to one, so they are reseeded.
-  SafetensorsFile rng(dir + "/rng_state.safetensors");
-  const std::string key = "rank_" + std::to_string(rank_);
-  if (d["world_size"].get<int>() == world_ && rng.has(key)) {
-    rng_state_set(rng.get(key).clone());
+  // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
+  // stopped; with another world size the ranks' streams cannot map one to one, and without
+  // the file (deleted to change --device: launch/rng_state.h) there is nothing to continue:
+  // then they are reseeded.
+  const std::string rng_path = dir + "/rng_state.safetensors";
+  const bool have_rng = fs::exists(rng_path);
+  if (d["world_size"].get<int>() == world_ && have_rng) {
+    rng_restore(rng_, rng_load_rank(rng_path, rank_, rng_.device_type));
   } else {
     torch::manual_seed(static_cast<uint64_t>(o_.seed) * 1000003ULL + static_cast<uint64_t>(rank_) +
                        7919ULL * static_cast<uint64_t>(global_step_));
-    if (rank_ == 0) say("note: world size changed since the checkpoint; dropout streams reseeded");
+    if (rank_ == 0)
+      say(have_rng ? "note: world size changed since the checkpoint; dropout streams reseeded"
+                   : "note: " + rng_path + " is absent; dropout streams reseeded");
   }
   last_saved_step_ = global_step_;
   say("resumed from " + dir + " at step " + std::to_string(global_step_));
 }
 
-// Summed answer log-probs of the reference: the same 4-bit base with adapters off, no grad.
+// The reference model: the same 4-bit base with the LoRA adapters and the
+// modules_to_save copies off (PEFT's disable_adapter); on = back to the policy.
+void Trainer::set_reference_mode(bool on) {
+  lora_set_enabled(m_.projections, !on);
+  m_.model->set_modules_to_save_enabled(!on);
+}
+
+// Summed answer log-probs of the reference, no grad: packed layout ...
 torch::Tensor Trainer::reference_logps(const ModelBatch& b) {
   torch::NoGradGuard ng;
-  lora_set_enabled(m_.projections, false);
+  set_reference_mode(true);
   torch::Tensor ref = model_answer_logps(m_.model, b, step_opts_.chunked_logps).logps.to(torch::kFloat64);
-  lora_set_enabled(m_.projections, true);
+  set_reference_mode(false);
   return ref;
 }
 
-// A micro-batch's DPO loss through the packed layout (launch/dpo_step.h); adds the
-// TRL-counted tokens and the executed FLOPs.
+// ... or padded [chosen; rejected] rows (the plain path).
+torch::Tensor Trainer::reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask) {
+  torch::NoGradGuard ng;
+  set_reference_mode(true);
+  torch::Tensor ref = sequence_logps(m_.model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
+  set_reference_mode(false);
+  return ref;
+}
+
+// A micro-batch's DPO loss: the plain path (TRL's: two padded rows per pair, full
+// logits, dense attention) or the packed layout (launch/dpo_step.h) with
+// --prefix_sharing / --padding_free. Adds the TRL-counted tokens and the executed
+// FLOPs; ref_out (optional) receives the reference log-probs used (2B).
 DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens,
-                                    double* flops) {
+                                    double* flops, torch::Tensor* ref_out) {
   PackedPairs p = collate_packed(ex, pad_id, step_opts_.share_prompt, step_opts_.padding_free);
   if (tokens) *tokens += p.trl_tokens;
+  const bool ckpt = o_.gradient_checkpointing && torch::GradMode::is_enabled();
   if (!step_opts_.share_prompt && !step_opts_.padding_free) {
-    // The plain path (TRL's): two padded rows per pair, full logits, dense attention.
     if (flops) *flops += dpo_step_flops(m_.model->config(), p, DpoStepOptions{false, false, false}, true,
-                                        !p.ref_logps.defined(), o_.gradient_checkpointing && torch::GradMode::is_enabled());
+                                        !p.ref_logps.defined(), ckpt);
     PreferenceBatch pb = collate_pairs(ex, pad_id);
     auto ids = pb.input_ids.to(m_.device), mask = pb.attention_mask.to(m_.device), lm = pb.loss_mask.to(m_.device);
-    torch::Tensor ref = pb.ref_logps;
-    if (!ref.defined()) {
-      torch::NoGradGuard ng;
-      lora_set_enabled(m_.projections, false);
-      ref = sequence_logps(m_.model->forward(ids, mask), ids, lm).logps.to(torch::kFloat64);
-      lora_set_enabled(m_.projections, true);
-    }
+    torch::Tensor ref = pb.ref_logps.defined() ? pb.ref_logps : reference_logps(ids, mask, lm);
+    if (ref_out) *ref_out = ref;
     return dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
   }
   ModelBatch b = model_batch(p, m_.device);
   const bool dense = m_.model->attention_kernel() == AttentionKernel::kDense || m_.model->compute_dtype() != torch::kFloat32 ||
                      !m_.device.is_cpu();
-  if (flops)
-    *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(),
-                             o_.gradient_checkpointing && torch::GradMode::is_enabled());
+  if (flops) *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(), ckpt);
   torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(b);
+  if (ref_out) *ref_out = ref;
   return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps), ref.to(m_.device), dpo_opts_);
 }
 
@@ -435,6 +453,90 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
   // this is the mean over every pair of the global batch.
   (l.losses.sum() * scale).backward();
   return l.metrics;
+}
+
+// local = this rank's pairs as [pol_c..., pol_r..., ref_c..., ref_r...] (4n doubles).
+// Every rank gets the terms over all ranks' pairs (rank order) and its own offset.
+DpoGlobalTerms Trainer::global_terms(const std::vector<double>& local, size_t* offset) {
+  const auto all = comm_.allgather_string(std::string(reinterpret_cast<const char*>(local.data()), local.size() * sizeof(double)));
+  std::vector<double> pc, pr, rc, rr;
+  for (int r = 0; r < world_; ++r) {
+    const size_t n = all[r].size() / sizeof(double) / 4;
+    if (r == rank_) *offset = pc.size();
+    std::vector<double> v(4 * n);
+    std::memcpy(v.data(), all[r].data(), v.size() * sizeof(double));
+    pc.insert(pc.end(), v.begin(), v.begin() + n);
+    pr.insert(pr.end(), v.begin() + n, v.begin() + 2 * n);
+    rc.insert(rc.end(), v.begin() + 2 * n, v.begin() + 3 * n);
+    rr.insert(rr.end(), v.begin() + 3 * n, v.end());
+  }
+  return dpo_global_terms(pc, pr, rc, rr, dpo_opts_);
+}
+
+// A step whose loss sorts over the global batch (aot, aot_unpaired). Pass 1: every
+// micro-batch's reference and policy log-probs without grad (the dropout RNG state
+// before each policy forward is kept). The gathered pairs give each pair's
+// d(global terms)/d(policy logps). Pass 2: each micro-batch again with the same
+// dropout draws, back-propagating its local terms + those coefficients. Costs one
+// extra policy forward per micro-batch; holds one micro-batch's graph at a time.
+DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens) {
+  struct Micro {
+    torch::Tensor ids, mask, lmask, ref;
+    RankRngState rng;  // dropout generators before the policy forward
+    int64_t pairs = 0;
+  };
+  std::vector<Micro> mbs;
+  std::vector<double> pc, pr, rc, rr;
+  for (const auto& idx : micro_batches) {
+    if (idx.empty()) continue;
+    std::vector<PreferenceExample> ex;
+    for (int64_t i : idx) ex.push_back(train_->get(i));
+    PreferenceBatch b = collate_pairs(ex, train_->attrs().pad_id);
+    Micro m;
+    m.ids = b.input_ids.to(m_.device);
+    m.mask = b.attention_mask.to(m_.device);
+    m.lmask = b.loss_mask.to(m_.device);
+    m.pairs = b.num_pairs;
+    *tokens += b.attention_mask.sum().item<int64_t>();
+    m.ref = (b.ref_logps.defined() ? b.ref_logps : reference_logps(m.ids, m.mask, m.lmask)).to(torch::kFloat64);
+    m.rng = rng_capture(rng_);
+    torch::Tensor pol;
+    {
+      torch::NoGradGuard ng;
+      pol = sequence_logps(m_.model->forward(m.ids, m.mask), m.ids, m.lmask).logps.to(torch::kCPU, torch::kFloat64);
+    }
+    const torch::Tensor ref = m.ref.to(torch::kCPU).contiguous();
+    for (int64_t i = 0; i < m.pairs; ++i) {
+      pc.push_back(pol[i].item<double>());
+      pr.push_back(pol[m.pairs + i].item<double>());
+      rc.push_back(ref[i].item<double>());
+      rr.push_back(ref[m.pairs + i].item<double>());
+    }
+    mbs.push_back(std::move(m));
+  }
+  std::vector<double> local = pc;
+  local.insert(local.end(), pr.begin(), pr.end());
+  local.insert(local.end(), rc.begin(), rc.end());
+  local.insert(local.end(), rr.begin(), rr.end());
+  size_t off = 0;
+  const DpoGlobalTerms g = global_terms(local, &off);
+  DpoMetrics met;
+  if (rank_ == 0) met.loss_sum += g.loss_sum;  // the global sum, counted once over ranks
+  for (const auto& m : mbs) {
+    rng_restore(rng_, m.rng);
+    auto logits = m_.model->forward(m.ids, m.mask);
+    DpoStepLoss l = dpo_batch_loss(logits, m.ids, m.lmask, m.ref.to(m_.device), dpo_opts_);
+    std::vector<double> coef(2 * m.pairs);
+    for (int64_t i = 0; i < m.pairs; ++i) {
+      coef[i] = g.grad_c[off + i];
+      coef[m.pairs + i] = g.grad_r[off + i];
+    }
+    off += static_cast<size_t>(m.pairs);
+    const torch::Tensor c = torch::tensor(coef, torch::kFloat64).to(l.policy_logps.options());
+    ((l.losses.sum() + (l.policy_logps * c).sum()) * scale).backward();
+    met += l.metrics;
+  }
+  return met;
 }
 
 SftMetrics Trainer::micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
@@ -461,7 +563,11 @@ void Trainer::train_step() {
   SftMetrics sm;
   if (o_.stage == "dpo") {
     const double scale = static_cast<double>(world_) / static_cast<double>(plan.global_examples);
-    for (const auto& mb : plan.micro_batches) dm += micro_dpo(mb, scale, &tokens);
+    if (global_terms_) {
+      dm = step_dpo_global(plan.micro_batches, scale, &tokens);
+    } else {
+      for (const auto& mb : plan.micro_batches) dm += micro_dpo(mb, scale, &tokens);
+    }
   } else {
     // SFT normalises by the answer tokens of the whole global step: count them first.
     double local = 0;
@@ -565,17 +671,41 @@ void Trainer::evaluate() {
   const int64_t lo = n * rank_ / world_, hi = n * (rank_ + 1) / world_;
   DpoMetrics dm;
   SftMetrics sm;
+  std::vector<double> pc, pr, rc, rr;  // global terms: this rank's eval pairs
   for (int64_t s = lo; s < hi; s += o_.per_device_eval_batch_size) {
     std::vector<PreferenceExample> ex;
     for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
     if (o_.stage == "dpo") {
-      dm += batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr).metrics;
+      torch::Tensor ref;
+      DpoStepLoss l = batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr, &ref);
+      dm += l.metrics;
+      if (global_terms_) {
+        const int64_t B = static_cast<int64_t>(ex.size());
+        const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
+        const torch::Tensor c = l.chosen_logps.to(torch::kCPU, torch::kFloat64), j = l.rejected_logps.to(torch::kCPU, torch::kFloat64);
+        for (int64_t i = 0; i < B; ++i) {
+          pc.push_back(c[i].item<double>());
+          pr.push_back(j[i].item<double>());
+          rc.push_back(r[i].item<double>());
+          rr.push_back(r[B + i].item<double>());
+        }
+      }
     } else {
       SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device);
       SftLoss l = sft_loss(m_.model->forward(ids, b.attention_mask.to(m_.device)), ids, b.loss_mask.to(m_.device));
       sm += SftMetrics::of(l, static_cast<int64_t>(ex.size()));
     }
+  }
+  if (global_terms_) {
+    // aot / aot_unpaired over the whole eval set (sorted across ranks)
+    std::vector<double> local = pc;
+    local.insert(local.end(), pr.begin(), pr.end());
+    local.insert(local.end(), rc.begin(), rc.end());
+    local.insert(local.end(), rr.begin(), rr.end());
+    size_t off = 0;
+    const DpoGlobalTerms g = global_terms(local, &off);
+    if (rank_ == 0) dm.loss_sum += g.loss_sum;
   }
   std::vector<double> v = o_.stage == "dpo" ? dm.to_vector() : sm.to_vector();
   comm_.allreduce_sum(v);
@@ -598,19 +728,25 @@ void Trainer::evaluate() {
 }
 
 std::string Trainer::save_checkpoint() {
-  // Every rank contributes its RNG state; rank 0 writes.
-  std::vector<std::string> rngs = comm_.allgather_string(tensor_bytes(rng_state_get()));
+  // Every rank contributes its RNG states; rank 0 writes.
+  const RankRngState mine = rng_capture(rng_);
+  std::vector<std::string> cpu_states = comm_.allgather_string(rng_state_bytes(mine.cpu));
+  std::vector<std::string> dev_states;
+  if (mine.device.defined()) dev_states = comm_.allgather_string(rng_state_bytes(mine.device));
   std::string path;
   if (rank_ == 0) {
     json st = trainer_state(), rec = resume_record();
     json args;
     for (const auto& [k, v] : o_.dump) args[k] = v;
     path = checkpoint_commit(o_.output_dir, global_step_, [&](const std::string& tmp) {
-      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path);
+      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path, modules_to_save_state(m_.model, o_.modules_to_save));
       safetensors_save(tmp + "/optimizer.safetensors", opt_->state(), {{"format", "dpo_dist AdamW"}});
-      std::vector<std::pair<std::string, torch::Tensor>> r;
-      for (size_t i = 0; i < rngs.size(); ++i) r.emplace_back("rank_" + std::to_string(i), bytes_tensor(rngs[i]));
-      safetensors_save(tmp + "/rng_state.safetensors", r);
+      std::vector<RankRngState> all(cpu_states.size());
+      for (size_t i = 0; i < all.size(); ++i) {
+        all[i].cpu = rng_state_from_bytes(cpu_states[i]);
+        if (!dev_states.empty()) all[i].device = rng_state_from_bytes(dev_states[i]);
+      }
+      rng_save(tmp + "/rng_state.safetensors", rng_.device_type, all);
       write_file_atomic(tmp + "/training_args.json", args.dump(2) + "\n");
       write_file_atomic(tmp + "/" + kResumeRecord, rec.dump(2) + "\n");
       // trainer_state.json last: its presence marks the checkpoint complete.
@@ -626,7 +762,8 @@ std::string Trainer::save_checkpoint() {
 
 void Trainer::save_final() {
   if (rank_ != 0) return;
-  lora_save_peft(m_.projections, lora_cfg_, o_.output_dir, o_.model_name_or_path);
+  lora_save_peft(m_.projections, lora_cfg_, o_.output_dir, o_.model_name_or_path,
+                 modules_to_save_state(m_.model, o_.modules_to_save));
   write_file_atomic(o_.output_dir + "/trainer_state.json", trainer_state().dump(2) + "\n");
 }
 

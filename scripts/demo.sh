@@ -65,6 +65,7 @@ for line in sys.stdin:
 cat <<EOT
 adapter:      $out/dpo/adapter_model.safetensors (+ adapter_config.json, PEFT layout)
 metrics:      $out/dpo/metrics.jsonl (SFT: $out/sft/metrics.jsonl)
+report:       $out/dpo/report.html (SFT: $out/sft/report.html; both: dpo_report $out/sft $out/dpo)
 checkpoints:  $out/dpo/checkpoint-*
 scores:       $out/eval_scores.jsonl
 total time:   $(( $(date +%s) - start )) s

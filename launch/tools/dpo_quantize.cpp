@@ -129,7 +129,8 @@ int main(int argc, char** argv) {
                                      {"llm_int8_enable_fp32_cpu_offload", false},
                                      {"llm_int8_has_fp16_weight", false}};
     write_file_atomic(out + "/config.json", config.dump(2) + "\n");
-    for (const char* f : {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
+    for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json", "chat_template.jinja"})
       if (fs::exists(fs::path(in) / f)) fs::copy_file(fs::path(in) / f, fs::path(out) / f, fs::copy_options::overwrite_existing);
     std::cout << "wrote " << out << " (NF4" << (dq ? ", double quant" : "") << ", bitsandbytes layout)\n";
     return 0;

@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
     {
       PreferenceReader reader(data);
       check_data_matches_model(m, data, reader.attrs().tokenizer_sha256, reader.attrs().vocab_size);
+      llama_check_max_length(m.model->config(), reader.attrs().max_length, data + " on " + cli.get_string("model_name_or_path"));
       int64_t n = reader.size();
       if (cli.get_int("max_examples") > 0) n = std::min(n, cli.get_int("max_examples"));
       std::vector<int64_t> idx(n);

@@ -48,7 +48,13 @@ struct Spec {
   int64_t L = 2, C = 32, H = 4, K = 4, F = 48, V = 64;
   double eps = 1e-5, theta = 10000.0;
   bool tied = false;
-  int64_t D() const { return C / H; }
+  std::string arch = "llama";  // llama | mistral | qwen2 | qwen3 (config.json model_type)
+  int64_t head_dim = 0;        // 0 = C / H
+  bool qkv_bias = false;       // biases on q, k, v
+  bool o_bias = false;         // bias on o_proj
+  bool mlp_bias = false;       // biases on gate, up, down
+  bool qk_norm = false;        // RMSNorm over each head of q and k before RoPE
+  int64_t D() const { return head_dim ? head_dim : C / H; }
 };
 
 struct Weight {
@@ -68,9 +74,14 @@ Weights make_weights(const Spec& s, uint32_t seed) {
     for (auto& e : x.v) e = std_dev * n01(gen);
     w[name] = x;
   };
-  auto norm = [&](const std::string& name) {
-    Weight x{{s.C}, std::vector<float>(s.C)};
+  auto norm = [&](const std::string& name, int64_t n) {
+    Weight x{{n}, std::vector<float>(n)};
     for (auto& e : x.v) e = 1.0f + 0.2f * n01(gen);
+    w[name] = x;
+  };
+  auto bias = [&](const std::string& name, int64_t n) {
+    Weight x{{n}, std::vector<float>(n)};
+    for (auto& e : x.v) e = 0.5f * n01(gen);
     w[name] = x;
   };
   const int64_t D = s.D();
@@ -85,10 +96,25 @@ Weights make_weights(const Spec& s, uint32_t seed) {
     mat(p + "mlp.gate_proj.weight", s.F, s.C, in_c);
     mat(p + "mlp.up_proj.weight", s.F, s.C, in_c);
     mat(p + "mlp.down_proj.weight", s.C, s.F, 1.0f / std::sqrt(static_cast<float>(s.F)));
-    norm(p + "input_layernorm.weight");
-    norm(p + "post_attention_layernorm.weight");
+    norm(p + "input_layernorm.weight", s.C);
+    norm(p + "post_attention_layernorm.weight", s.C);
+    if (s.qkv_bias) {
+      bias(p + "self_attn.q_proj.bias", s.H * D);
+      bias(p + "self_attn.k_proj.bias", s.K * D);
+      bias(p + "self_attn.v_proj.bias", s.K * D);
+    }
+    if (s.o_bias) bias(p + "self_attn.o_proj.bias", s.C);
+    if (s.mlp_bias) {
+      bias(p + "mlp.gate_proj.bias", s.F);
+      bias(p + "mlp.up_proj.bias", s.F);
+      bias(p + "mlp.down_proj.bias", s.C);
+    }
+    if (s.qk_norm) {
+      norm(p + "self_attn.q_norm.weight", D);
+      norm(p + "self_attn.k_norm.weight", D);
+    }
   }
-  norm("model.norm.weight");
+  norm("model.norm.weight", s.C);
   if (!s.tied) mat("lm_head.weight", s.V, s.C, 1.0f / std::sqrt(static_cast<float>(s.C)));
   return w;
 }
@@ -108,8 +134,12 @@ Weights rounded(const Weights& w, torch::ScalarType dtype) {
 }
 
 json config_json(const Spec& s) {
-  return {{"architectures", {"LlamaForCausalLM"}},
-          {"model_type", "llama"},
+  static const std::map<std::string, std::string> kClass = {{"llama", "LlamaForCausalLM"},
+                                                            {"mistral", "MistralForCausalLM"},
+                                                            {"qwen2", "Qwen2ForCausalLM"},
+                                                            {"qwen3", "Qwen3ForCausalLM"}};
+  json j = {{"architectures", {kClass.at(s.arch)}},
+          {"model_type", s.arch},
           {"hidden_size", s.C},
           {"intermediate_size", s.F},
           {"num_hidden_layers", s.L},
@@ -124,6 +154,28 @@ json config_json(const Spec& s) {
           {"torch_dtype", "float32"},
           {"bos_token_id", 1},
           {"eos_token_id", 2}};
+  if (s.head_dim) j["head_dim"] = s.head_dim;
+  if (s.arch == "llama") {
+    EXPECT_EQ(s.qkv_bias, s.o_bias) << "Llama's attention_bias covers q, k, v and o";
+    if (s.o_bias) j["attention_bias"] = true;
+    if (s.mlp_bias) j["mlp_bias"] = true;
+  } else if (s.arch == "mistral") {
+    EXPECT_TRUE(!s.qkv_bias && !s.o_bias && !s.mlp_bias && !s.qk_norm) << "Mistral has no biases";
+    j["sliding_window"] = nullptr;
+  } else if (s.arch == "qwen2") {
+    EXPECT_TRUE(s.qkv_bias && !s.o_bias && !s.mlp_bias && !s.qk_norm) << "Qwen2: q/k/v biases only";
+    // As Qwen2.5 ships it: a window that is not in use.
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = 4;
+    j["max_window_layers"] = 0;
+  } else {
+    EXPECT_TRUE(s.qk_norm && s.qkv_bias == s.o_bias && !s.mlp_bias) << "Qwen3: q/k norms, attention_bias on q/k/v/o";
+    EXPECT_NE(s.head_dim, 0) << "Qwen3's head_dim defaults to 128: give it";
+    j["attention_bias"] = s.o_bias;
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = nullptr;
+  }
+  return j;
 }
 
 void write_model(const std::string& dir, const json& cfg, const Weights& w, torch::ScalarType dtype = torch::kFloat32,
@@ -139,16 +191,22 @@ void write_model(const std::string& dir, const json& cfg, const Weights& w, torc
 
 using Mat = std::vector<std::vector<double>>;  // [T][N]
 
-Mat linear(const Mat& x, const Weight& w) {  // y = x W^T, W (O, I)
+Mat linear(const Mat& x, const Weight& w, const Weight* b = nullptr) {  // y = x W^T + b, W (O, I)
   const int64_t O = w.shape[0], I = w.shape[1];
   Mat y(x.size(), std::vector<double>(O, 0.0));
   for (size_t t = 0; t < x.size(); ++t)
     for (int64_t o = 0; o < O; ++o) {
-      double acc = 0;
+      double acc = b ? b->v[o] : 0.0;
       for (int64_t i = 0; i < I; ++i) acc += x[t][i] * w.at(o, i);
       y[t][o] = acc;
     }
   return y;
+}
+
+// `prefix`.weight times x, plus `prefix`.bias when the weights have one.
+Mat proj(const Mat& x, const Weights& w, const std::string& prefix) {
+  auto b = w.find(prefix + ".bias");
+  return linear(x, w.at(prefix + ".weight"), b == w.end() ? nullptr : &b->second);
 }
 
 Mat rmsnorm(const Mat& x, const Weight& w, double eps) {
@@ -161,6 +219,17 @@ Mat rmsnorm(const Mat& x, const Weight& w, double eps) {
     for (size_t c = 0; c < row.size(); ++c) row[c] = row[c] * r * w.v[c];
   }
   return y;
+}
+
+// RMSNorm over each head's D features (Qwen3's q_norm / k_norm).
+void head_rmsnorm(Mat& x, int64_t heads, int64_t D, const Weight& w, double eps) {
+  for (auto& row : x)
+    for (int64_t h = 0; h < heads; ++h) {
+      double ms = 0;
+      for (int64_t i = 0; i < D; ++i) ms += row[h * D + i] * row[h * D + i];
+      const double r = 1.0 / std::sqrt(ms / static_cast<double>(D) + eps);
+      for (int64_t i = 0; i < D; ++i) row[h * D + i] = row[h * D + i] * r * w.v[i];
+    }
 }
 
 // Rotates each head's pairs (i, i + D/2) by angle t * theta^(-2i/D).
@@ -187,9 +256,13 @@ Mat reference_logits(const Spec& s, const Weights& w, const std::vector<int64_t>
   for (int64_t l = 0; l < s.L; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Mat xn = rmsnorm(x, w.at(p + "input_layernorm.weight"), s.eps);
-    Mat q = linear(xn, w.at(p + "self_attn.q_proj.weight"));
-    Mat k = linear(xn, w.at(p + "self_attn.k_proj.weight"));
-    Mat v = linear(xn, w.at(p + "self_attn.v_proj.weight"));
+    Mat q = proj(xn, w, p + "self_attn.q_proj");
+    Mat k = proj(xn, w, p + "self_attn.k_proj");
+    Mat v = proj(xn, w, p + "self_attn.v_proj");
+    if (s.qk_norm) {
+      head_rmsnorm(q, s.H, D, w.at(p + "self_attn.q_norm.weight"), s.eps);
+      head_rmsnorm(k, s.K, D, w.at(p + "self_attn.k_norm.weight"), s.eps);
+    }
     rope(q, s.H, D, s.theta);
     rope(k, s.K, D, s.theta);
     Mat att(T, std::vector<double>(s.H * D, 0.0));
@@ -210,15 +283,15 @@ Mat reference_logits(const Spec& s, const Weights& w, const std::vector<int64_t>
           for (int64_t e = 0; e < D; ++e) att[t][h * D + e] += sc[j] / z * v[j][kv * D + e];
       }
     }
-    Mat o = linear(att, w.at(p + "self_attn.o_proj.weight"));
+    Mat o = proj(att, w, p + "self_attn.o_proj");
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c) x[t][c] += o[t][c];
     xn = rmsnorm(x, w.at(p + "post_attention_layernorm.weight"), s.eps);
-    Mat g = linear(xn, w.at(p + "mlp.gate_proj.weight"));
-    Mat u = linear(xn, w.at(p + "mlp.up_proj.weight"));
+    Mat g = proj(xn, w, p + "mlp.gate_proj");
+    Mat u = proj(xn, w, p + "mlp.up_proj");
     for (int64_t t = 0; t < T; ++t)
       for (int64_t f = 0; f < s.F; ++f) g[t][f] = g[t][f] / (1.0 + std::exp(-g[t][f])) * u[t][f];
-    Mat d = linear(g, w.at(p + "mlp.down_proj.weight"));
+    Mat d = proj(g, w, p + "mlp.down_proj");
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c) x[t][c] += d[t][c];
   }
@@ -256,12 +329,34 @@ torch::Tensor mask_tensor(const std::vector<std::vector<int64_t>>& seqs, int64_t
   return m;
 }
 
+// Sum over t >= 1 of log softmax(logits[t-1])[tokens[t]] (the sequence log-prob
+// of everything after the first token), in double.
+double reference_seq_logp(const Mat& logits, const std::vector<int64_t>& tokens) {
+  double sum = 0;
+  for (size_t t = 1; t < tokens.size(); ++t) {
+    const auto& row = logits[t - 1];
+    double mx = -1e300, z = 0;
+    for (double v : row) mx = std::max(mx, v);
+    for (double v : row) z += std::exp(v - mx);
+    sum += row[tokens[t]] - mx - std::log(z);
+  }
+  return sum;
+}
+
+double model_seq_logp(const torch::Tensor& logits, int64_t b, const std::vector<int64_t>& tokens) {
+  torch::Tensor lp = torch::log_softmax(logits[b].to(torch::kFloat64), -1);
+  double sum = 0;
+  for (size_t t = 1; t < tokens.size(); ++t) sum += lp[t - 1][tokens[t]].item<double>();
+  return sum;
+}
+
 void check_against_reference(const Spec& s, uint32_t seed) {
   TempDir dir;
   Weights w = make_weights(s, seed);
   write_model(dir.str(), config_json(s), w);
   dpo::LlamaModel m = dpo::llama_load(dir.str(), dpo::QuantOptions{});
   EXPECT_EQ(m->config().num_key_value_heads, s.K);
+  EXPECT_EQ(m->config().head_dim, s.D());
   std::vector<std::vector<int64_t>> seqs = {tokens_of(9, s.V, seed + 1), tokens_of(9, s.V, seed + 2)};
   torch::Tensor logits = m->forward(ids_tensor(seqs, 9), mask_tensor(seqs, 9));
   ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{2, 9, s.V}));
@@ -269,9 +364,15 @@ void check_against_reference(const Spec& s, uint32_t seed) {
   double scale = 0;
   for (size_t b = 0; b < seqs.size(); ++b) {
     Mat ref = reference_logits(s, w, seqs[b]);
+    double row_scale = 0;
     for (const auto& row : ref)
-      for (double v : row) scale = std::max(scale, std::abs(v));
-    EXPECT_LT(max_diff(logits, static_cast<int64_t>(b), ref), 2e-4) << "row " << b;
+      for (double v : row) row_scale = std::max(row_scale, std::abs(v));
+    scale = std::max(scale, row_scale);
+    const double d = max_diff(logits, static_cast<int64_t>(b), ref);
+    EXPECT_LT(d, 2e-4) << "row " << b;
+    EXPECT_LT(d / row_scale, 1e-4) << "row " << b << ": logits differ by " << d << " relative to " << row_scale;
+    const double want = reference_seq_logp(ref, seqs[b]), got = model_seq_logp(logits, static_cast<int64_t>(b), seqs[b]);
+    EXPECT_LT(std::abs(got - want), 1e-4 * std::abs(want)) << "row " << b << ": sequence log-prob " << got << " vs " << want;
   }
   EXPECT_GT(scale, 0.5);  // the comparison is not between two near-zero tensors
 }
@@ -295,6 +396,50 @@ TEST(LlamaLogits, MatchReferenceTiedEmbeddingsSingleKvHead) {
   s.tied = true;
   s.theta = 500.0;
   check_against_reference(s, 31);
+}
+
+// Mistral with head_dim != hidden_size / heads (as Mistral-Nemo: 5120 / 32 != 128).
+TEST(LlamaLogits, MatchReferenceMistralHeadDim) {
+  Spec s;
+  s.arch = "mistral";
+  s.K = 2;
+  s.head_dim = 16;  // H * D = 64 != C = 32
+  check_against_reference(s, 51);
+}
+
+TEST(LlamaLogits, MatchReferenceLlamaBiasesAndHeadDim) {
+  Spec s;
+  s.K = 2;
+  s.head_dim = 4;
+  s.qkv_bias = s.o_bias = true;  // attention_bias
+  s.mlp_bias = true;
+  check_against_reference(s, 52);
+}
+
+// Qwen2 (Qwen2.5): biases on q, k, v; tied embeddings as its small models.
+TEST(LlamaLogits, MatchReferenceQwen2) {
+  Spec s;
+  s.arch = "qwen2";
+  s.K = 2;
+  s.qkv_bias = true;
+  s.tied = true;
+  s.theta = 1000000.0;
+  check_against_reference(s, 53);
+}
+
+// Qwen3: per-head RMSNorm of q and k before RoPE, head_dim from config.json.
+TEST(LlamaLogits, MatchReferenceQwen3) {
+  Spec s;
+  s.arch = "qwen3";
+  s.K = 2;
+  s.head_dim = 12;
+  s.qk_norm = true;
+  s.tied = true;
+  check_against_reference(s, 54);
+  s.tied = false;
+  s.K = 1;
+  s.qkv_bias = s.o_bias = true;  // attention_bias
+  check_against_reference(s, 55);
 }
 
 TEST(LlamaLogits, PaddedBatchMatchesUnpadded) {
@@ -554,8 +699,11 @@ TEST(LlamaConfig, Refusals) {
     for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "missing " << n << " in: " << msg;
   };
   json j = base;
-  j["architectures"] = {"Qwen2ForCausalLM"};
-  expect_refused(j, {"architectures", "Qwen2ForCausalLM"});
+  j["architectures"] = {"Gemma2ForCausalLM"};
+  expect_refused(j, {"architectures", "Gemma2ForCausalLM", "Qwen3ForCausalLM"});
+  j = base;
+  j["model_type"] = "qwen2";
+  expect_refused(j, {"model_type", "qwen2", "LlamaForCausalLM"});
   j = base;
   j.erase("architectures");
   j["model_type"] = "gpt2";
@@ -589,11 +737,8 @@ TEST(LlamaConfig, Refusals) {
   j["hidden_act"] = "gelu";
   expect_refused(j, {"hidden_act", "gelu"});
   j = base;
-  j["attention_bias"] = true;
-  expect_refused(j, {"attention_bias"});
-  j = base;
-  j["mlp_bias"] = true;
-  expect_refused(j, {"mlp_bias"});
+  j["attention_bias"] = "yes";
+  expect_refused(j, {"attention_bias", "true or false"});
   j = base;
   j["torch_dtype"] = "float64";
   expect_refused(j, {"torch_dtype", "float64"});
@@ -620,6 +765,7 @@ TEST(LlamaConfig, MistralWithoutActiveSlidingWindow) {
   cfg["architectures"] = {"MistralForCausalLM"};
   cfg["model_type"] = "mistral";
   cfg["sliding_window"] = nullptr;
+  EXPECT_FALSE(dpo::llama_config_to_json(dpo::llama_config_from_json(cfg))["sliding_window"].is_number());
   write_model(dir.str(), cfg, w);
   dpo::LlamaModel m = dpo::llama_load(dir.str(), dpo::QuantOptions{});
   EXPECT_FALSE(m->config().sliding_window.has_value());
@@ -633,10 +779,10 @@ TEST(LlamaConfig, MistralWithoutActiveSlidingWindow) {
   EXPECT_LT(max_diff(m->forward(ids_tensor(seqs, 7), mask_tensor(seqs, 7)), 0, reference_logits(s, w, seqs[0])), 2e-4);
   std::string msg = throw_message([&] { m->forward(torch::zeros({1, 8}, torch::kInt64), torch::ones({1, 8})); });
   EXPECT_NE(msg.find("sliding_window"), std::string::npos) << msg;
-  // Saved as a Llama config without the window.
+  // Saved as the Mistral it is, with the window it ran with.
   json out = dpo::llama_config_to_json(m->config());
-  EXPECT_EQ(out["architectures"], json::array({"LlamaForCausalLM"}));
-  EXPECT_FALSE(out.contains("sliding_window"));
+  EXPECT_EQ(out["architectures"], json::array({"MistralForCausalLM"}));
+  EXPECT_EQ(out["sliding_window"], 7);
 }
 
 TEST(LlamaRope, InvFreqPlainLinearLlama3) {
@@ -822,6 +968,159 @@ TEST(LlamaLoad, Nf4ProjectionsAndDequantizedSave) {
   dpo::llama_save_hf(nf4, back, torch::kFloat32, 0);
   torch::Tensor lb = dpo::llama_load(back, dpo::QuantOptions{})->forward(ids, mask);
   EXPECT_TRUE(torch::allclose(lb, lq, 1e-4, 1e-4));
+}
+
+// Qwen2 / Qwen3 / Mistral-with-head_dim through NF4 and back: the biases stay dense
+// in the compute dtype (bitsandbytes Linear4bit keeps them), the q/k norms are
+// loaded and saved, and the saved directory keeps its architecture.
+TEST(LlamaLoad, Nf4AndSaveRoundTripOfEveryArchitecture) {
+  std::vector<Spec> specs(3);
+  specs[0].arch = "qwen2";
+  specs[0].qkv_bias = true;
+  specs[1].arch = "qwen3";
+  specs[1].qk_norm = true;
+  specs[1].head_dim = 16;
+  specs[1].qkv_bias = specs[1].o_bias = true;
+  specs[2].arch = "mistral";
+  specs[2].head_dim = 4;
+  uint32_t seed = 120;
+  for (Spec s : specs) {
+    SCOPED_TRACE(s.arch);
+    s.C = 64;
+    s.F = 128;
+    s.K = 2;
+    TempDir dir;
+    Weights w = make_weights(s, ++seed);
+    const std::string d = dir.sub("dense");
+    write_model(d, config_json(s), w);
+    dpo::QuantOptions q4;
+    q4.load_in_4bit = true;
+    dpo::LlamaModel dense = dpo::llama_load(d, dpo::QuantOptions{});
+    dpo::LlamaModel nf4 = dpo::llama_load(d, q4);
+    for (auto& [name, p] : nf4->named_projections()) {
+      EXPECT_TRUE(p->is_4bit()) << name;
+      const bool want_bias = w.count(name + ".bias") > 0;
+      ASSERT_EQ(p->has_bias(), want_bias) << name;
+      if (!want_bias) continue;
+      EXPECT_EQ(p->bias().scalar_type(), torch::kFloat32) << name;
+      EXPECT_TRUE(torch::equal(p->bias(), to_tensor(w.at(name + ".bias")))) << name;
+    }
+    std::vector<std::vector<int64_t>> seqs = {tokens_of(8, s.V, 4), tokens_of(8, s.V, 5)};
+    torch::Tensor ids = ids_tensor(seqs, 8), mask = mask_tensor(seqs, 8);
+    torch::NoGradGuard ng;
+    torch::Tensor ld = dense->forward(ids, mask), lq = nf4->forward(ids, mask);
+    const double err = (ld - lq).abs().max().item<double>(), scale = ld.abs().max().item<double>();
+    EXPECT_GT(err, 1e-4);
+    EXPECT_LT(err, 0.3 * scale);
+    // Dense save -> load: the same function, the same architecture and tensor names.
+    const std::string back = dir.sub("back");
+    dpo::llama_save_hf(dense, back, torch::kFloat32, 0);
+    json saved = json::parse(std::ifstream(back + "/config.json"));
+    EXPECT_EQ(saved["model_type"], s.arch);
+    EXPECT_EQ(saved["head_dim"], s.D());
+    dpo::SafetensorsFile f(back + "/model.safetensors");
+    const auto listed = f.names();
+    std::set<std::string> names(listed.begin(), listed.end());
+    for (const auto& [name, x] : w) EXPECT_TRUE(names.count(name)) << name << " not saved";
+    EXPECT_EQ(names.size(), w.size());
+    dpo::LlamaModel reloaded = dpo::llama_load(back, dpo::QuantOptions{});
+    EXPECT_EQ(reloaded->config().arch, dense->config().arch);
+    EXPECT_TRUE(torch::equal(reloaded->forward(ids, mask), ld));
+    // NF4 save (dequantized) -> dense load: the NF4 function.
+    const std::string back4 = dir.sub("back4");
+    dpo::llama_save_hf(nf4, back4, torch::kFloat32, 0);
+    EXPECT_TRUE(torch::allclose(dpo::llama_load(back4, dpo::QuantOptions{})->forward(ids, mask), lq, 1e-4, 1e-4));
+  }
+}
+
+TEST(LlamaConfig, SlidingWindowAsTransformersResolvesIt) {
+  json mistral = config_json([] { Spec s; s.arch = "mistral"; return s; }());
+  mistral.erase("sliding_window");  // MistralConfig's default: 4096
+  EXPECT_EQ(dpo::llama_config_from_json(mistral).sliding_window, std::optional<int64_t>(4096));
+  mistral["sliding_window"] = nullptr;
+  EXPECT_FALSE(dpo::llama_config_from_json(mistral).sliding_window.has_value());
+  mistral["sliding_window"] = 512;
+  dpo::LlamaConfig c = dpo::llama_config_from_json(mistral);
+  EXPECT_EQ(c.sliding_window, std::optional<int64_t>(512));
+  EXPECT_NO_THROW(dpo::llama_check_max_length(c, 512, "m/config.json"));
+  std::string msg = throw_message([&] { dpo::llama_check_max_length(c, 1024, "m/config.json"); });
+  for (const char* n : {"m/config.json", "1024", "512", "sliding_window", "MistralForCausalLM", "max_length"})
+    EXPECT_NE(msg.find(n), std::string::npos) << n << " not in: " << msg;
+  EXPECT_EQ(dpo::llama_config_to_json(c)["sliding_window"], 512);
+
+  for (const std::string arch : {"qwen2", "qwen3"}) {
+    SCOPED_TRACE(arch);
+    Spec s;
+    s.arch = arch;
+    s.qkv_bias = arch == "qwen2";
+    s.qk_norm = arch == "qwen3";
+    s.head_dim = 8;
+    json j = config_json(s);  // L = 2 layers
+    j["sliding_window"] = 256;
+    j["use_sliding_window"] = false;
+    j["max_window_layers"] = 0;
+    EXPECT_FALSE(dpo::llama_config_from_json(j).sliding_window.has_value()) << "use_sliding_window false";
+    j["use_sliding_window"] = true;
+    EXPECT_EQ(dpo::llama_config_from_json(j).sliding_window, std::optional<int64_t>(256)) << "layers >= 0 slide";
+    j["max_window_layers"] = 2;
+    EXPECT_FALSE(dpo::llama_config_from_json(j).sliding_window.has_value()) << "no layer >= max_window_layers";
+    j["layer_types"] = {"full_attention", "sliding_attention"};
+    EXPECT_EQ(dpo::llama_config_from_json(j).sliding_window, std::optional<int64_t>(256)) << "layer_types wins";
+    j["layer_types"] = {"full_attention", "full_attention"};
+    j["max_window_layers"] = 0;
+    EXPECT_FALSE(dpo::llama_config_from_json(j).sliding_window.has_value());
+    j.erase("layer_types");
+    j.erase("max_window_layers");  // default 28 > 2 layers
+    EXPECT_FALSE(dpo::llama_config_from_json(j).sliding_window.has_value());
+    j["max_window_layers"] = 1;
+    j.erase("sliding_window");  // default 4096
+    EXPECT_EQ(dpo::llama_config_from_json(j).sliding_window, std::optional<int64_t>(4096));
+  }
+  // Llama has no sliding window: the key is ignored, as transformers ignores it.
+  json llama = config_json(Spec{});
+  llama["sliding_window"] = 4;
+  EXPECT_FALSE(dpo::llama_config_from_json(llama).sliding_window.has_value());
+}
+
+TEST(LlamaConfig, ArchitecturesDefaultsAndRoundTrip) {
+  // Qwen3Config's head_dim defaults to 128 (not C / H); the biases follow each modeling file.
+  json q3 = {{"architectures", {"Qwen3ForCausalLM"}}, {"hidden_size", 64}, {"intermediate_size", 128},
+             {"num_hidden_layers", 2}, {"num_attention_heads", 2}, {"vocab_size", 100}};
+  dpo::LlamaConfig c = dpo::llama_config_from_json(q3);
+  EXPECT_EQ(c.arch, dpo::LlamaArch::kQwen3);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.attention_bias || c.qkv_bias || c.mlp_bias);
+  json q2 = q3;
+  q2["architectures"] = {"Qwen2ForCausalLM"};
+  q2["attention_bias"] = true;  // not a Qwen2 field: Qwen2Attention always has q/k/v biases, never o
+  c = dpo::llama_config_from_json(q2);
+  EXPECT_EQ(c.arch, dpo::LlamaArch::kQwen2);
+  EXPECT_EQ(c.head_dim, 32);
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias || c.qk_norm);
+  for (dpo::LlamaArch a : {dpo::LlamaArch::kLlama, dpo::LlamaArch::kMistral, dpo::LlamaArch::kQwen2, dpo::LlamaArch::kQwen3}) {
+    dpo::LlamaConfig x = c;
+    x.raw = nullptr;
+    x.arch = a;
+    x.qkv_bias = a == dpo::LlamaArch::kQwen2;
+    x.qk_norm = a == dpo::LlamaArch::kQwen3;
+    x.attention_bias = a == dpo::LlamaArch::kLlama || a == dpo::LlamaArch::kQwen3;
+    x.mlp_bias = a == dpo::LlamaArch::kLlama;
+    x.head_dim = 16;
+    x.sliding_window.reset();
+    json j = dpo::llama_config_to_json(x);
+    EXPECT_EQ(j["architectures"], json::array({dpo::llama_arch_class(a)}));
+    EXPECT_EQ(j["model_type"], dpo::llama_arch_model_type(a));
+    dpo::LlamaConfig back = dpo::llama_config_from_json(j);
+    EXPECT_EQ(back.arch, a);
+    EXPECT_EQ(back.head_dim, 16);
+    EXPECT_EQ(back.qkv_bias, x.qkv_bias);
+    EXPECT_EQ(back.qk_norm, x.qk_norm);
+    EXPECT_EQ(back.attention_bias, x.attention_bias);
+    EXPECT_EQ(back.mlp_bias, x.mlp_bias);
+    EXPECT_FALSE(back.sliding_window.has_value()) << dpo::llama_arch_class(a);
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // The Jinja engine against Python's jinja2: every golden of
-// tests/data/fixtures/chat/goldens.json (real Llama 3/3.1/3.2 and Qwen 2.5/3 templates,
+// tests/data/fixtures/chat/goldens.json (real Llama 3/3.1/3.2, Qwen 2.5/3, Gemma 3 and
+// DeepSeek V3 templates,
 // plus a template of engine features) rendered byte for byte; then the errors: an
 // unsupported construct names its template line, raise_exception carries its message.
 #include <gtest/gtest.h>
@@ -85,10 +86,12 @@ int check_template(const std::string& name) {
 }
 
 TEST_F(ChatGoldens, Llama3Instruct) { EXPECT_EQ(check_template("llama3_instruct.jinja"), 12); }
-TEST_F(ChatGoldens, Llama31Instruct) { EXPECT_EQ(check_template("llama3_1_instruct.jinja"), 16); }
+TEST_F(ChatGoldens, Llama31Instruct) { EXPECT_EQ(check_template("llama3_1_instruct.jinja"), 24); }
 TEST_F(ChatGoldens, Llama32Instruct) { EXPECT_EQ(check_template("llama3_2_instruct.jinja"), 16); }
-TEST_F(ChatGoldens, Qwen25Instruct) { EXPECT_EQ(check_template("qwen2_5_instruct.jinja"), 16); }
-TEST_F(ChatGoldens, Qwen3) { EXPECT_EQ(check_template("qwen3.jinja"), 20); }
+TEST_F(ChatGoldens, Qwen25Instruct) { EXPECT_EQ(check_template("qwen2_5_instruct.jinja"), 24); }
+TEST_F(ChatGoldens, Qwen3) { EXPECT_EQ(check_template("qwen3.jinja"), 28); }
+TEST_F(ChatGoldens, Gemma3) { EXPECT_EQ(check_template("gemma3.jinja"), 12); }
+TEST_F(ChatGoldens, DeepSeekV3) { EXPECT_EQ(check_template("deepseek_v3.jinja"), 12); }
 TEST_F(ChatGoldens, EngineFeatures) { EXPECT_EQ(check_template("engine_features.jinja"), 16); }
 
 // The error a template raises at load or render time.
@@ -158,6 +161,26 @@ TEST(ChatTemplateErrors, TypeErrors) {
   EXPECT_EQ(error_of("{{ 1 // 0 }}"), "chat template line 1: integer division or modulo by zero");
   EXPECT_EQ(error_of("{% set x = 1 %}{% set x.y = 2 %}"), "chat template line 1: cannot assign attribute on non-namespace object 'x'");
   EXPECT_EQ(error_of("{{ messages.append(1) }}"), "chat template line 1: list.append() is not allowed (the template may not change its data)");
+}
+
+// A hostile template fails cleanly instead of wrapping integers, exhausting memory or
+// time, or overflowing the stack.
+TEST(ChatTemplateErrors, HostileTemplatesAreBounded) {
+  EXPECT_EQ(error_of("{{ 9223372036854775807 + 1 }}"), "chat template line 1: integer overflow (this engine's integers are 64-bit)");
+  EXPECT_EQ(error_of("{{ 3 ** 99 }}"), "chat template line 1: integer overflow (this engine's integers are 64-bit)");
+  EXPECT_EQ(error_of("{{ 2 ** 62 }}x"), "");  // in range: fine
+  EXPECT_EQ(error_of("{{ 'ab' * 1000000000000 }}"), "chat template line 1: repetition too large");
+  EXPECT_EQ(error_of("{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}"),
+            "chat template line 1: the template runs too long (more than 10 million loop iterations)");
+  EXPECT_EQ(error_of("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"),
+            "chat template line 1: the template nests too deeply");
+  std::string nested_ifs;
+  for (int i = 0; i < 2000; ++i) nested_ifs += "{% if true %}";
+  EXPECT_EQ(error_of(nested_ifs), "chat template line 1: the template nests too deeply");
+  json deep = json::array();
+  for (int i = 0; i < 1000; ++i) deep = json::array({deep});
+  EXPECT_EQ(error_of("{{ messages }}", deep), "chat template: the template's data nests more than 256 levels deep");
+  EXPECT_EQ(error_of("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"), "chat template line 1: macro recursion too deep");
 }
 
 TEST(ChatTemplate, BosEosAndExtrasAreVariables) {

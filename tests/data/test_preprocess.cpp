@@ -15,6 +15,7 @@
 #include "data/preprocess.h"
 #include "data/sha256.h"
 #include "data/sources.h"
+#include "data/tokenizer.h"
 #include "data/tokenizer_info.h"
 #include "tests/test_util.h"
 

@@ -1,6 +1,6 @@
 // Unit tests of dist/ that need no mpirun: chunk splitting, the watchdog, stop signals,
 // the fake communicator and the factory, GradSync packing (through a communicator that
-// mirrors one rank's data W times).
+// mirrors one rank's data W times), the peer probe of the watchdog (loopback sockets).
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -16,6 +16,7 @@
 #include "dist/communicator.h"
 #include "dist/fake_communicator.h"
 #include "dist/grad_sync.h"
+#include "dist/peer_probe.h"
 #include "dist/signals.h"
 #include "dist/watchdog.h"
 
@@ -445,6 +446,55 @@ TEST(DistGradSync, SingleRankOnlyFillsMissingGrads) {
   EXPECT_EQ(gs.numel(), 13);
   EXPECT_TRUE(params[1].grad().defined());
   EXPECT_EQ(params[0].grad().data_ptr<float>()[4], 4.0f);
+}
+
+// ---- PeerResponder / probe_peers (dist/peer_probe.h): who answers, who does not, how fast.
+// Loopback only.
+double peer_probe_seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+TEST(PeerProbe, EndpointNamesHostPortAndAddresses) {
+  dpo::PeerResponder r;
+  const std::string e = r.endpoint();
+  // "<host> <port> <addr>[,<addr>...]"
+  const auto sp1 = e.find(' '), sp2 = e.rfind(' ');
+  ASSERT_NE(sp1, std::string::npos);
+  ASSERT_NE(sp1, sp2) << e;
+  const int port = std::stoi(e.substr(sp1 + 1, sp2 - sp1 - 1));
+  EXPECT_GT(port, 0);
+  EXPECT_LE(port, 65535);
+  EXPECT_NE(e.substr(sp2 + 1).find("127.0.0.1"), std::string::npos) << "loopback is always listed: " << e;
+}
+
+TEST(PeerProbe, LiveRespondersAnswerQuickly) {
+  dpo::PeerResponder a, b, c;
+  const std::vector<std::string> eps = {a.endpoint(), b.endpoint(), c.endpoint()};
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(dpo::probe_peers(eps, 0, 5.0).empty());
+  EXPECT_TRUE(dpo::probe_peers(eps, 2, 5.0).empty());
+  EXPECT_LT(peer_probe_seconds_since(t0), 2.0) << "answers must not wait for the deadline";
+}
+
+TEST(PeerProbe, GoneAndMalformedPeersAreNamed) {
+  dpo::PeerResponder a;
+  std::string gone;
+  {
+    dpo::PeerResponder b;
+    gone = b.endpoint();
+  }  // b's socket is closed: connection refused
+  const std::vector<std::string> eps = {a.endpoint(), gone, "not an endpoint"};
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<std::string> silent = dpo::probe_peers(eps, 0, 3.0);
+  ASSERT_EQ(silent.size(), 2u);
+  EXPECT_EQ(silent[0].rfind("rank 1 on host ", 0), 0u) << silent[0];
+  EXPECT_EQ(silent[1], "rank 2 on host ?");
+  EXPECT_LT(peer_probe_seconds_since(t0), 2.5) << "a refused connection is known at once";
+}
+
+TEST(PeerProbe, SelfIsNeverListed) {
+  const std::vector<std::string> eps = {"garbage"};
+  EXPECT_TRUE(dpo::probe_peers(eps, 0, 0.5).empty());
 }
 
 }  // namespace

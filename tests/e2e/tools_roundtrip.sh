@@ -7,6 +7,9 @@
 #     (accuracy against itself: every reward 0, margin 0)
 #  4. dpo_merge of an adapter with B != 0 (from a short training run), loaded without the
 #     adapter, scores like base + adapter (dense base, fp32 tolerance)
+#  5. the same for Mistral (head_dim != hidden/heads), Qwen2 (q/k/v biases, tied) and
+#     Qwen3 (q/k norms) from dpo_init_model --architecture: dpo_quantize == NF4 on the
+#     fly, and dpo_merge of an adapter trained with --modules_to_save embed_tokens,lm_head
 set -euo pipefail
 BIN=${1:?usage: tools_roundtrip.sh BIN_DIR}
 work=$(mktemp -d /tmp/dpo_tools.XXXXXX)
@@ -75,4 +78,38 @@ print("merge: max |adapter - merged| = %.2e, adapter moved scores by up to %.3f"
 assert worst < 1e-3, worst
 assert moved > 1e-3, "the adapter did not change anything: the test would not see a broken merge"
 PY
-echo "tools round trip: 4 passed, 0 failed"
+# 5. other architectures, with trained embeddings / lm_head
+for arch in mistral qwen2 qwen3; do
+  d="$work/$arch"
+  "$BIN/dpo_init_model" --output_dir "$d/model" "${common[@]}" --architecture "$arch" --head_dim 8 >/dev/null
+  grep -q "\"model_type\": \"$arch\"" "$d/model/config.json" || fail "$arch: model_type not written"
+  "$BIN/dpo_quantize" --model_name_or_path "$d/model" --output_dir "$d/q4" >/dev/null
+  "$BIN/dpo_score" --model_name_or_path "$d/q4" --data "$work/eval.h5" --output "$d/s_q4.jsonl" >/dev/null
+  "$BIN/dpo_score" --model_name_or_path "$d/model" --data "$work/eval.h5" --output "$d/s_fly.jsonl" >/dev/null
+  cmp -s "$d/s_q4.jsonl" "$d/s_fly.jsonl" || fail "$arch: prequantized checkpoint scores differ from on-the-fly NF4"
+  "$BIN/dpo_dist" --model_name_or_path "$d/model" --load_in_4bit false --train_file "$work/train.h5" --stage sft \
+    --output_dir "$d/run" --max_steps 3 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_dropout 0 \
+    --lora_target_modules all-linear --modules_to_save embed_tokens,lm_head --logging_steps 1 --save_steps 0 \
+    --progress off --threads 1 >/dev/null
+  grep -q '"modules_to_save"' "$d/run/adapter_config.json" || fail "$arch: modules_to_save not in adapter_config.json"
+  "$BIN/dpo_merge" --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --output_dir "$d/merged" >/dev/null
+  "$BIN/dpo_score" --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --data "$work/eval.h5" --output "$d/s_ad.jsonl" >/dev/null
+  "$BIN/dpo_score" --model_name_or_path "$d/merged" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_mg.jsonl" >/dev/null
+  "$BIN/dpo_score" --model_name_or_path "$d/model" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_base.jsonl" >/dev/null
+  python3 - "$d" "$arch" <<'PY' || fail "$arch: merged model does not score like base + adapter + saved modules"
+import json, sys
+d, arch = sys.argv[1], sys.argv[2]
+cfg = json.load(open(d + "/merged/config.json"))
+assert cfg["model_type"] == arch and cfg["head_dim"] == 8, cfg
+assert cfg["tie_word_embeddings"] == (arch != "mistral"), cfg
+a = [json.loads(l) for l in open(d + "/s_ad.jsonl")]
+m = [json.loads(l) for l in open(d + "/s_mg.jsonl")]
+b = [json.loads(l) for l in open(d + "/s_base.jsonl")]
+worst = max(abs(x[k] - y[k]) for x, y in zip(a, m) for k in ("chosen_logps", "rejected_logps"))
+moved = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("chosen_logps", "rejected_logps"))
+print("%s merge: max |adapter - merged| = %.2e, training moved scores by up to %.3f" % (arch, worst, moved))
+assert worst < 1e-3, worst
+assert moved > 1e-2, "training did not change anything"
+PY
+done
+echo "tools round trip: 5 passed, 0 failed"

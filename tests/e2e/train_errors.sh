@@ -6,7 +6,9 @@
 #   missing dir; resume with another --lora_r (np=2; names lora_r); a model dir holding only
 #   pytorch_model.bin (names safetensors); disk full while saving a checkpoint (a 300 KiB
 #   tmpfs as output_dir: the error names the checkpoint path, the earlier checkpoint stays
-#   complete, no checkpoint-N dir is left half written).
+#   complete, no checkpoint-N dir is left half written); --device cuda without a GPU; a
+#   --device cuda run's checkpoint resumed on --device cpu (np=2; names rng_state.safetensors
+#   and the way on), and, with that file deleted, the resume that reseeds dropout.
 #   tests/e2e/train_errors.sh [BIN_DIR]     (or DPO_BIN=BIN_DIR)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -64,6 +66,44 @@ run_bounded 60 "$work/r4.log" "${mpi[@]}" -np 2 "$DPO_BIN/dpo_dist" "${base[@]}"
 [ $rc = 0 ] || { tail -n 10 "$work/r4.log"; fail "the lora_r=4 run to resume from exited $rc"; }
 mapfile -d '' lr < <(with_opt lora_r 8 "${base[@]}")
 check resume_other_lora_r 2 "lora_r" "${lr[@]}" --output_dir "$work/o5" --max_steps 4 --resume_from_checkpoint auto
+
+# ---- --device cuda where there is no GPU (CPU-only libtorch or machine) ----------------------
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  check device_cuda_no_gpu 1 "device cuda: no CUDA device" "${base[@]}" --output_dir "$work/o8" --max_steps 2 --device cuda
+fi
+
+# ---- a --device cuda run's checkpoint resumed on --device cpu (np=2) -------------------------
+# o5's newest checkpoint rewritten as a CUDA run writes it (rank_<i>.cuda + device_type, docs/gpu.md).
+cp -r "$work/o5" "$work/o7"
+k7=$(newest_checkpoint "$work/o7")
+python3 - "$work/o7/checkpoint-$k7/rng_state.safetensors" <<'PY' || fail "could not rewrite rng_state.safetensors"
+import json, struct, sys
+p = sys.argv[1]
+raw = open(p, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+h, data = json.loads(raw[8:8 + n]), bytearray(raw[8 + n:])
+for name in [k for k in h if k != "__metadata__"]:
+    b, e = h[name]["data_offsets"]
+    h[name + ".cuda"] = {"dtype": "U8", "shape": [16], "data_offsets": [len(data), len(data) + 16]}
+    data += bytes(16)
+h["__metadata__"] = {"device_type": "cuda"}
+hb = json.dumps(h).encode()
+hb += b" " * (-len(hb) % 8)
+open(p, "wb").write(struct.pack("<Q", len(hb)) + hb + bytes(data))
+PY
+check resume_cuda_rng_on_cpu 2 "rng_state\.safetensors: dropout RNG state written by a --device cuda run cannot continue on --device cpu.*delete this file" \
+  "${base[@]}" --output_dir "$work/o7" --max_steps 4 --resume_from_checkpoint auto
+# Deleting the file is the documented way on: it resumes, with reseeded dropout streams.
+rm "$work/o7/checkpoint-$k7/rng_state.safetensors"
+rc=0
+run_bounded 60 "$work/r7.log" "${mpi[@]}" -np 2 "$DPO_BIN/dpo_dist" "${base[@]}" --output_dir "$work/o7" --max_steps 4 \
+  --resume_from_checkpoint auto || rc=$?
+if [ $rc != 0 ] || ! grep -q "rng_state.safetensors is absent; dropout streams reseeded" "$work/r7.log"; then
+  tail -n 5 "$work/r7.log"
+  failed+=(resume_without_rng_state)
+else
+  log "resume_without_rng_state: resumed at $k7 with reseeded dropout streams"
+fi
 
 # ---- model dir with only pytorch_model.bin -------------------------------------------------
 mkdir -p "$work/model_bin"

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -24,6 +25,7 @@
 #include "core/linear.h"
 #include "core/llama.h"
 #include "core/lora.h"
+#include "core/modules_to_save.h"
 #include "core/optim.h"
 #include "data/collate.h"
 #include "data/preference_h5.h"
@@ -576,16 +578,49 @@ struct TinyRun {
   int64_t vocab = 0;
 };
 
-/// A model dir (random tiny Llama + the test tokenizer) and a preference file of
-/// `n` examples tokenized "with" it.
-void make_run(TinyRun& run, int64_t n) {
+/// The tiny config as another architecture: Mistral with head_dim != C / H, Qwen2
+/// (q/k/v biases, tied embeddings as its small models), Qwen3 (q/k norms, head_dim 12).
+LlamaConfig arch_config(LlamaArch a, int64_t vocab) {
+  LlamaConfig c = tiny_config(vocab);
+  c.arch = a;
+  if (a == LlamaArch::kMistral) c.head_dim = 16;  // H * D = 64 != C = 32
+  if (a == LlamaArch::kQwen2) {
+    c.qkv_bias = true;
+    c.tie_word_embeddings = true;
+  }
+  if (a == LlamaArch::kQwen3) {
+    c.qk_norm = true;
+    c.head_dim = 12;
+  }
+  return llama_config_checked(c);
+}
+
+/// A random model of `cfg` whose biases and q/k norm weights are random too
+/// (transformers initializes them to 0 and 1, which would hide a wiring error).
+LlamaModel random_arch_model(const LlamaConfig& cfg, uint64_t seed) {
+  LlamaModel m = llama_init_random(cfg, seed, QuantOptions{});
+  torch::NoGradGuard ng;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+  for (auto& [name, p] : m->named_projections())
+    if (p->has_bias()) p->set_bias(at::randn({p->out_features()}, gen) * 0.3);
+  for (auto& layer : m->model->layer_list)
+    if (layer->self_attn->q_norm) {
+      layer->self_attn->q_norm->weight.copy_(1 + 0.2 * at::randn(layer->self_attn->q_norm->weight.sizes(), gen));
+      layer->self_attn->k_norm->weight.copy_(1 + 0.2 * at::randn(layer->self_attn->k_norm->weight.sizes(), gen));
+    }
+  return m;
+}
+
+/// A model dir (random tiny Llama, or `arch`, + the test tokenizer) and a preference
+/// file of `n` examples tokenized "with" it.
+void make_run(TinyRun& run, int64_t n, std::optional<LlamaArch> arch = std::nullopt) {
   run.model_dir = run.dir.file("model");
   fs::create_directories(run.model_dir);
   fs::create_directories(run.dir.file("tok"));
   const std::string tok = train_test_tokenizer(run.dir.file("tok"), 300);
   TokenizerInfo info(tok);
   run.vocab = info.vocab_size();
-  LlamaModel m = tiny_model(true, 21, run.vocab);
+  LlamaModel m = arch ? random_arch_model(arch_config(*arch, run.vocab), 21) : tiny_model(true, 21, run.vocab);
   llama_save_hf(m, run.model_dir, torch::kFloat32, 0);
   fs::copy_file(tok, run.model_dir + "/tokenizer.model");
   PreferenceAttrs a;
@@ -726,6 +761,25 @@ TEST(Training, CheckpointTrainerStateHoldsExactlyHfTrainerStateFields) {
   r.resume_from_checkpoint = out + "/checkpoint-1";
   EXPECT_EQ(train(r, comm), 0);
   EXPECT_EQ(nlohmann::json::parse(testutil::read_file(out + "/trainer_state.json")).at("global_step").get<int64_t>(), 3);
+
+  // A checkpoint of dpo_dist 0.1 kept the record inside trainer_state.json ("dpo_dist",
+  // with a 3-field SFT window): it still resumes.
+  const std::string old = out + "/checkpoint-1";
+  auto st = nlohmann::json::parse(testutil::read_file(old + "/trainer_state.json"));
+  auto rec = nlohmann::json::parse(testutil::read_file(old + "/dpo_dist_state.json"));
+  rec["log_window"]["sft"] = std::vector<double>{0, 0, 0};
+  st["dpo_dist"] = rec;
+  testutil::write_file(old + "/trainer_state.json", st.dump());
+  fs::remove(old + "/dpo_dist_state.json");
+  r.output_dir = run.dir.file("old_out");
+  r.resume_from_checkpoint = old;
+  EXPECT_EQ(train(r, comm), 0);
+  EXPECT_EQ(nlohmann::json::parse(testutil::read_file(r.output_dir + "/trainer_state.json")).at("global_step").get<int64_t>(), 3);
+  // Neither record: refused with a message naming the file it looked for.
+  fs::remove(old + "/trainer_state.json");
+  testutil::write_file(old + "/trainer_state.json", nlohmann::json{{"global_step", 1}}.dump());
+  r.output_dir = run.dir.file("none_out");
+  EXPECT_NE(testutil::throw_message([&] { train(r, comm); }).find("dpo_dist_state.json"), std::string::npos);
 }
 
 TEST(Training, TrainerPrecomputedReferenceGivesSameFirstStep) {
@@ -811,6 +865,258 @@ TEST(Training, TrainerAccumulationAndCheckpointingDoNotChangeTheRun) {
     for (const char* k : keys) EXPECT_EQ(plain[i].at(k).get<double>(), ck[i].at(k).get<double>()) << "step " << i + 1 << " " << k;
   // Dropout is on: the run differs from the dropout-free one after the first update.
   EXPECT_NE(plain[2].at("loss").get<double>(), acc[2].at("loss").get<double>());
+}
+
+// A short QLoRA DPO run of dpo::train on each of the other architectures (NF4 base,
+// LoRA on all seven projections, biases dense): starts at ln 2, stays finite, and
+// the loss on the repeated global batch goes down.
+TEST(Training, TrainerRunsQloraDpoOnMistralQwen2Qwen3) {
+  for (LlamaArch a : {LlamaArch::kMistral, LlamaArch::kQwen2, LlamaArch::kQwen3}) {
+    SCOPED_TRACE(llama_arch_class(a));
+    TinyRun run;
+    make_run(run, 4, a);
+    const std::string out = run.dir.file("out");
+    TrainOptions o = run_options(run, out);
+    o.max_steps = 6;
+    o.save_steps = 0;
+    o.lora_dropout = 0.0;  // the same batch every step (global batch 4 = all examples)
+    FakeCommunicator comm;
+    ASSERT_EQ(train(o, comm), 0);
+    auto ev = train_events(out);
+    ASSERT_EQ(ev.size(), 6u);
+    EXPECT_NEAR(ev[0].at("loss").get<double>(), std::log(2.0), 1e-4);
+    for (const auto& e : ev) EXPECT_TRUE(std::isfinite(e.at("loss").get<double>()));
+    EXPECT_LT(ev.back().at("loss").get<double>(), ev.front().at("loss").get<double>() - 0.01);
+    // The adapter loads back into the NF4 base of that architecture.
+    QuantOptions q;
+    q.load_in_4bit = true;
+    LlamaModel m = llama_load(run.model_dir, q);
+    EXPECT_EQ(m->config().arch, a);
+    lora_load_peft(projections(m), out);
+  }
+}
+
+// A sliding window shorter than the data's max_length is refused before training.
+TEST(Training, TrainerRefusesSlidingWindowShorterThanMaxLength) {
+  TinyRun run;
+  make_run(run, 4, LlamaArch::kMistral);  // preference file max_length 64
+  nlohmann::json cfg = nlohmann::json::parse(testutil::read_file(run.model_dir + "/config.json"));
+  cfg["sliding_window"] = 32;
+  std::ofstream(run.model_dir + "/config.json") << cfg.dump(2);
+  FakeCommunicator comm;
+  try {
+    train(run_options(run, run.dir.file("out")), comm);
+    ADD_FAILURE() << "no error";
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("sliding_window of 32"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(run.h5), std::string::npos) << msg;
+  }
+}
+
+// ---- 10. modules_to_save (trainable embed_tokens / lm_head) --------------------
+
+/// A tiny NF4 model with LoRA on every projection and trainable copies of
+/// embed_tokens and lm_head, both nudged away from the base so they matter.
+LlamaModel model_with_saved_modules(bool tied, uint64_t seed, std::vector<std::pair<std::string, torch::Tensor>>* params) {
+  LlamaConfig c = tiny_config();
+  c.tie_word_embeddings = tied;
+  QuantOptions q;
+  q.load_in_4bit = true;
+  LlamaModel m = llama_init_random(c, 7, q);
+  lora_attach(projections(m), lora_cfg(), 11);
+  randomize_lora_b(m, seed, 0.05);
+  auto mts = modules_to_save_attach(m, {"embed_tokens", "lm_head"});
+  {
+    torch::NoGradGuard ng;
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+    for (auto& [k, t] : mts) t.add_(at::randn(t.sizes(), gen) * 0.05);
+  }
+  *params = lora_parameters(projections(m));
+  for (auto& p : mts) params->push_back(p);
+  return m;
+}
+
+TEST(ModulesToSave, ReferenceUsesTheOriginalsAndGradientsFlow) {
+  for (bool tied : {false, true}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    std::vector<std::pair<std::string, torch::Tensor>> params;
+    LlamaModel m = model_with_saved_modules(tied, 5, &params);
+    ASSERT_EQ(params.size(), lora_parameters(projections(m)).size() + (tied ? 1 : 2));
+    if (tied) EXPECT_TRUE(m->saved_embed().is_same(m->saved_head()));
+    EXPECT_EQ(m->saved_embed().scalar_type(), torch::kFloat32);
+    LlamaConfig c = tiny_config();
+    c.tie_word_embeddings = tied;
+    QuantOptions q;
+    q.load_in_4bit = true;
+    LlamaModel base = llama_init_random(c, 7, q);  // the same base, nothing attached
+    PreferenceBatch b = collate_pairs(make_examples(3, 9), kPad);
+    // Reference pass (adapters and saved modules off): bitwise the base model.
+    torch::Tensor ref;
+    {
+      torch::NoGradGuard ng;
+      lora_set_enabled(projections(m), false);
+      m->set_modules_to_save_enabled(false);
+      ref = m->forward(b.input_ids, b.attention_mask);
+      m->set_modules_to_save_enabled(true);
+      lora_set_enabled(projections(m), true);
+      EXPECT_TRUE(torch::equal(ref, base->forward(b.input_ids, b.attention_mask)));
+    }
+    // With the copies on (LoRA off) the function changes: they are used.
+    {
+      torch::NoGradGuard ng;
+      lora_set_enabled(projections(m), false);
+      EXPECT_GT(max_abs_diff(m->forward(b.input_ids, b.attention_mask), ref), 1e-3);
+      lora_set_enabled(projections(m), true);
+    }
+    // Gradients reach the copies (and the rows of every vocabulary entry through
+    // lm_head), never the frozen originals.
+    SftLoss l = sft_loss(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask);
+    l.nll_sum.backward();
+    const torch::Tensor& head = m->saved_head();
+    ASSERT_TRUE(head.grad().defined());
+    EXPECT_GT(head.grad().abs().sum(1).min().item<double>(), 0.0)
+        << "every lm_head row gets a gradient (softmax over the vocabulary)";
+    ASSERT_TRUE(m->saved_embed().grad().defined());
+    // Embedding rows of tokens in the batch get a gradient beyond the lm_head part.
+    EXPECT_FALSE(m->model->embed_tokens->weight.requires_grad());
+    EXPECT_FALSE(m->model->embed_tokens->weight.grad().defined());
+    if (!tied) {
+      EXPECT_FALSE(m->lm_head->weight.grad().defined());
+      torch::Tensor ge = m->saved_embed().grad();
+      const int64_t used = b.input_ids[0][0].item<int64_t>();
+      EXPECT_GT(ge[used].abs().sum().item<double>(), 0.0);
+      // A token that appears nowhere gets no embedding gradient.
+      std::vector<bool> seen(64, false);
+      auto acc = b.input_ids.accessor<int64_t, 2>();
+      for (int64_t i = 0; i < b.input_ids.size(0); ++i)
+        for (int64_t t = 0; t < b.input_ids.size(1); ++t) seen[acc[i][t]] = true;
+      for (int64_t v = 0; v < 64; ++v)
+        if (!seen[v]) {
+          EXPECT_EQ(ge[v].abs().sum().item<double>(), 0.0) << v;
+          break;
+        }
+    }
+    // Finite differences on one embedding entry of a token in the batch.
+    {
+      torch::NoGradGuard ng;
+      torch::Tensor e = m->saved_embed();
+      const int64_t v = b.input_ids[0][1].item<int64_t>();
+      const double g = e.grad()[v][3].item<double>(), h = 1e-2;
+      auto loss_at = [&](double delta) {
+        e[v][3] += delta;
+        double r = sft_loss(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask).nll_sum.item<double>();
+        e[v][3] -= delta;
+        return r;
+      };
+      const double fd = (loss_at(h) - loss_at(-h)) / (2 * h);
+      EXPECT_NEAR(g, fd, 2e-2 * std::max(1.0, std::abs(fd)));
+    }
+  }
+}
+
+TEST(ModulesToSave, SaveLoadAndMergeRoundTrip) {
+  for (bool tied : {false, true}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    TempDir dir("dpo_mts");
+    std::vector<std::pair<std::string, torch::Tensor>> params;
+    LlamaModel m = model_with_saved_modules(tied, 17, &params);
+    LoraConfig lc = lora_cfg();
+    lc.modules_to_save = {"embed_tokens", "lm_head"};
+    lc.ensure_weight_tying = tied;
+    lora_save_peft(projections(m), lc, dir.file("adapter"), "tiny", modules_to_save_state(m, lc.modules_to_save));
+    auto cfg = nlohmann::json::parse(testutil::read_file(dir.file("adapter") + "/adapter_config.json"));
+    EXPECT_EQ(cfg.at("modules_to_save"), nlohmann::json({"embed_tokens", "lm_head"}));
+    {
+      SafetensorsFile f(dir.file("adapter") + "/adapter_model.safetensors");
+      ASSERT_TRUE(f.has("base_model.model.model.embed_tokens.weight"));
+      ASSERT_TRUE(f.has("base_model.model.lm_head.weight"));
+      EXPECT_TRUE(torch::equal(f.get("base_model.model.model.embed_tokens.weight"), m->saved_embed()));
+      EXPECT_TRUE(torch::equal(f.get("base_model.model.lm_head.weight"), m->saved_head()));
+      EXPECT_EQ(f.get("base_model.model.lm_head.weight").scalar_type(), torch::kFloat32);
+    }
+    EXPECT_EQ(lora_config_load(dir.file("adapter")).modules_to_save, lc.modules_to_save);
+    PreferenceBatch b = collate_pairs(make_examples(3, 19), kPad);
+    torch::Tensor want = logits_of(m, b);
+    // Load into a fresh base: the same function.
+    LlamaConfig c = tiny_config();
+    c.tie_word_embeddings = tied;
+    QuantOptions q;
+    q.load_in_4bit = true;
+    LlamaModel fresh = llama_init_random(c, 7, q);
+    LoraConfig back = lora_load_peft(projections(fresh), dir.file("adapter"));
+    modules_to_save_load(fresh, back.modules_to_save, dir.file("adapter"));
+    EXPECT_TRUE(torch::equal(logits_of(fresh, b), want));
+    // Merge (LoRA + modules) and save/reload as a plain model: base + modules.
+    lora_merge(projections(fresh));
+    modules_to_save_merge(fresh);
+    EXPECT_FALSE(fresh->saved_embed().defined());
+    EXPECT_TRUE(torch::allclose(logits_of(fresh, b), want, 1e-4, 1e-4));
+    llama_save_hf(fresh, dir.file("merged"), torch::kFloat32, 0);
+    LlamaModel merged = llama_load(dir.file("merged"), QuantOptions{});
+    EXPECT_EQ(merged->config().tie_word_embeddings, tied);
+    EXPECT_TRUE(torch::equal(merged->model->embed_tokens->weight, m->saved_embed()));
+    if (!tied) EXPECT_TRUE(torch::equal(merged->lm_head->weight, m->saved_head()));
+    EXPECT_TRUE(torch::allclose(logits_of(merged, b), want, 1e-4, 1e-4));
+    // An adapter without the saved tensors is refused, naming the key.
+    LoraConfig lc2 = lc;
+    lc2.modules_to_save = {"embed_tokens"};
+    lora_save_peft(projections(m), lc2, dir.file("partial"), "tiny", modules_to_save_state(m, lc2.modules_to_save));
+    try {
+      modules_to_save_load(fresh, {"lm_head"}, dir.file("partial"));
+      ADD_FAILURE() << "no error";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("base_model.model.lm_head.weight"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// dpo::train with --modules_to_save: the SFT loss falls faster than with LoRA
+// alone, the saved adapter holds the tables, and 2 steps + resume + 2 steps give
+// the same adapter (tables, optimizer state) as 4 steps straight.
+TEST(ModulesToSave, TrainerTrainsSavesAndResumesExactly) {
+  TinyRun run;
+  make_run(run, 4);
+  auto opts = [&](const std::string& name, int64_t steps) {
+    TrainOptions o = run_options(run, run.dir.file(name));
+    o.stage = "sft";
+    o.max_steps = steps;
+    o.save_steps = 2;
+    o.lora_dropout = 0.0;
+    o.modules_to_save = {"embed_tokens", "lm_head"};
+    return o;
+  };
+  {
+    FakeCommunicator comm;
+    ASSERT_EQ(train(opts("straight", 4), comm), 0);
+  }
+  {
+    FakeCommunicator comm;
+    ASSERT_EQ(train(opts("resumed", 2), comm), 0);
+  }
+  {
+    TrainOptions o = opts("resumed", 4);
+    o.resume_from_checkpoint = "auto";
+    FakeCommunicator comm;
+    ASSERT_EQ(train(o, comm), 0);
+  }
+  SafetensorsFile a(run.dir.file("straight") + "/adapter_model.safetensors");
+  SafetensorsFile r(run.dir.file("resumed") + "/adapter_model.safetensors");
+  ASSERT_TRUE(a.has("base_model.model.model.embed_tokens.weight"));
+  ASSERT_TRUE(a.has("base_model.model.lm_head.weight"));
+  for (const auto& n : a.names()) {
+    ASSERT_TRUE(r.has(n)) << n;
+    EXPECT_TRUE(torch::equal(a.get(n), r.get(n))) << n;
+  }
+  // The tables trained.
+  LlamaModel base = llama_load(run.model_dir, QuantOptions{});
+  EXPECT_GT(max_abs_diff(a.get("base_model.model.lm_head.weight"), base->lm_head->weight), 1e-4);
+  EXPECT_GT(max_abs_diff(a.get("base_model.model.model.embed_tokens.weight"), base->model->embed_tokens->weight), 1e-4);
+  // The optimizer state covers the tables.
+  SafetensorsFile opt(run.dir.file("straight") + "/checkpoint-4/optimizer.safetensors");
+  bool found = false;
+  for (const auto& n : opt.names()) found = found || n.find("lm_head") != std::string::npos;
+  EXPECT_TRUE(found);
 }
 
 }  // namespace
