@@ -320,12 +320,23 @@ DpoStepLoss dpo_batch_loss(const Tensor& logits, const Tensor& input_ids, const 
     throw std::runtime_error("dpo_batch_loss: logits must hold 2B rows ([chosen; rejected]); got R = " +
                              std::to_string(R));
   }
+  if (ref_logps.defined() && (ref_logps.dim() != 1 || ref_logps.size(0) != R)) {
+    throw std::runtime_error("dpo_batch_loss: ref_logps must be (2B) = (" + std::to_string(R) +
+                             ") summed reference log-probs [chosen; rejected]; got " + shape_str(ref_logps));
+  }
+  return dpo_batch_loss(sequence_logps(logits, input_ids, loss_mask), ref_logps, opts);
+}
+
+DpoStepLoss dpo_batch_loss(const SeqLogps& s, const Tensor& ref_logps, const DpoOptions& opts) {
+  validate_dpo_options(opts);
+  const int64_t R = s.logps.size(0);
+  if (R % 2 != 0)
+    throw std::runtime_error("dpo_batch_loss: expected 2B sequences ([chosen; rejected]); got " + std::to_string(R));
   const int64_t B = R / 2;
   if (ref_logps.defined() && (ref_logps.dim() != 1 || ref_logps.size(0) != R)) {
     throw std::runtime_error("dpo_batch_loss: ref_logps must be (2B) = (" + std::to_string(R) +
                              ") summed reference log-probs [chosen; rejected]; got " + shape_str(ref_logps));
   }
-  SeqLogps s = sequence_logps(logits, input_ids, loss_mask);
   const auto terms = dpo_loss_terms(opts);
   // "ipo" alone keeps its TRL 0.x form: every log-prob (and so the rewards and the
   // logps/* metrics) length-averaged. Everything else follows TRL 1.x: summed log-probs.

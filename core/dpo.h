@@ -167,6 +167,10 @@ DpoStepLoss dpo_batch_loss(const torch::Tensor& logits,     // (2B, T, V) policy
                            const torch::Tensor& ref_logps,  // (2B) or undefined
                            const DpoOptions& opts);
 
+/// The same from per-sequence log-probs already computed ([chosen; rejected], 2B
+/// entries, e.g. by head_logps): everything after sequence_logps.
+DpoStepLoss dpo_batch_loss(const SeqLogps& policy, const torch::Tensor& ref_logps, const DpoOptions& opts);
+
 /// The SFT (causal LM) loss parts: as HF's loss on labels with -100 outside the
 /// answers, but as a sum + a count so the caller divides by the token count of the
 /// whole optimizer step (all micro-batches, all ranks).

@@ -440,34 +440,25 @@ LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& cfg, torch::ScalarType
   }
 }
 
-torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                          const torch::Tensor& allowed) {
-  const int64_t B = x.size(0), T = x.size(1), H = num_heads, K = num_kv_heads, D = head_dim, R = H / K;
-  torch::Tensor q = q_proj(x).reshape({B, T, H, D});  // (B, T, H, D)
-  torch::Tensor k = k_proj(x).reshape({B, T, K, D});  // (B, T, K, D)
+torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const AttentionInputs& in) {
+  const int64_t B = x.size(0), T = x.size(1), H = num_heads, K = num_kv_heads, D = head_dim;
+  torch::Tensor q = q_proj(x).reshape({B, T, H, D});
+  torch::Tensor k = k_proj(x).reshape({B, T, K, D});
   if (q_norm) {  // Qwen3: RMSNorm over each head's D features, before RoPE
     q = q_norm(q);
     k = k_norm(k);
   }
-  q = q.transpose(1, 2);  // (B, H, T, D)
-  k = k.transpose(1, 2);  // (B, K, T, D)
-  torch::Tensor v = v_proj(x).reshape({B, T, K, D}).transpose(1, 2);  // (B, K, T, D)
-  torch::Tensor c = cos.to(q.scalar_type()), s = sin.to(q.scalar_type());
+  torch::Tensor v = v_proj(x).reshape({B, T, K, D});
+  torch::Tensor c = in.cos.unsqueeze(2).to(q.scalar_type()), s = in.sin.unsqueeze(2).to(q.scalar_type());  // (B|1, T, 1, D)
   q = q * c + rotate_half(q) * s;
   k = k * c + rotate_half(k) * s;
-  // Grouped-query attention without materializing repeated K/V: query heads
-  // k*R .. k*R+R-1 share kv head k (transformers repeat_kv), so the R heads of
-  // a group are stacked along the token axis: (B, K, R*T, D).
-  torch::Tensor qg = q.reshape({B, K, R * T, D});
-  torch::Tensor scores = torch::matmul(qg, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(D)));
-  scores = scores.view({B, H, T, T}).to(torch::kFloat32);
-  // A finite fill instead of -inf: a query row with no allowed key (padding
-  // at the front) becomes uniform instead of NaN.
-  scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
-  torch::Tensor probs = torch::softmax(scores, -1).to(q.scalar_type());       // (B, H, T, T)
-  torch::Tensor out = torch::matmul(probs.view({B, K, R * T, T}), v);           // (B, K, R*T, D)
-  out = out.view({B, H, T, D}).transpose(1, 2).reshape({B, T, H * D});
-  return o_proj(out);
+  torch::Tensor out;  // (B, T, H, D)
+  if (in.layout) {
+    out = attention_chunked(q, k, v, in.layout);
+  } else {
+    out = attention_dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), in.allowed).transpose(1, 2);
+  }
+  return o_proj(out.reshape({B, T, H * D}));
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
@@ -489,9 +480,8 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& cfg, int64_t ind
       register_module("post_attention_layernorm", LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype));
 }
 
-torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                             const torch::Tensor& allowed) {
-  torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin, allowed);
+torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInputs& in) {
+  torch::Tensor h = x + self_attn(input_layernorm(x), in);
   if (hook) h = hook(index, h);
   return h + mlp(post_attention_layernorm(h));
 }
@@ -544,19 +534,12 @@ void LlamaModelImpl::set_layer_hook(LayerHook hook) {
   for (auto& layer : model->layer_list) layer->hook = hook;
 }
 
-torch::Tensor LlamaModelImpl::hidden_states(const torch::Tensor& input_ids_in, const torch::Tensor& attention_mask) {
+torch::Tensor LlamaModelImpl::embed(const torch::Tensor& input_ids_in) {
   if (input_ids_in.dim() != 2)
     throw std::runtime_error("LlamaModel::forward: input_ids must be (B, T), got " + c10::str(input_ids_in.sizes()));
-  if (!attention_mask.defined() || attention_mask.sizes() != input_ids_in.sizes())
-    throw std::runtime_error("LlamaModel::forward: attention_mask must have the shape of input_ids " +
-                             c10::str(input_ids_in.sizes()));
   if (c10::isFloatingType(input_ids_in.scalar_type()) || input_ids_in.scalar_type() == torch::kBool)
     throw std::runtime_error("LlamaModel::forward: input_ids must be an integer tensor");
   const int64_t B = input_ids_in.size(0), T = input_ids_in.size(1), C = cfg_.hidden_size;
-  if (cfg_.sliding_window && T > *cfg_.sliding_window)
-    throw std::runtime_error("LlamaModel::forward: " + std::to_string(T) + " tokens exceed the model's sliding_window (" +
-                             std::to_string(*cfg_.sliding_window) +
-                             "), which is not implemented; use sequences of at most sliding_window tokens");
   const torch::Device dev = model->embed_tokens->weight.device();
   torch::Tensor ids = input_ids_in.to(dev, torch::kInt64);
   if (ids.numel() > 0) {
@@ -567,26 +550,89 @@ torch::Tensor LlamaModelImpl::hidden_states(const torch::Tensor& input_ids_in, c
   }
   torch::Tensor h = embed_weight().index_select(0, ids.reshape({-1})).view({B, T, C});  // (B, T, C)
   if (h.scalar_type() != dtype_) h = h.to(dtype_);  // an fp32 trainable copy under a bf16 model
-  auto [cos, sin] = llama_rope_cos_sin(cfg_, T, dev);                                                   // (T, D)
-  torch::Tensor causal = torch::ones({T, T}, torch::TensorOptions().dtype(torch::kBool).device(dev)).tril();
-  torch::Tensor keys = attention_mask.to(dev).ne(0).view({B, 1, 1, T});
-  torch::Tensor allowed = causal.view({1, 1, T, T}).logical_and(keys);  // (B, 1, T, T)
+  return h;
+}
+
+torch::Tensor LlamaModelImpl::run_layers(torch::Tensor h, const AttentionInputs& in) {
   const bool ckpt = checkpointing_ && torch::GradMode::is_enabled();
   for (auto& layer : model->layer_list) {
     if (ckpt) {
       std::shared_ptr<LlamaDecoderLayerImpl> impl = layer.ptr();  // kept alive by the graph
-      h = checkpoint([impl, cos = cos, sin = sin, allowed](const torch::Tensor& x) {
-            return impl->forward(x, cos, sin, allowed);
-          }, h);
+      h = checkpoint([impl, in](const torch::Tensor& x) { return impl->forward(x, in); }, h);
     } else {
-      h = layer->forward(h, cos, sin, allowed);
+      h = layer->forward(h, in);
     }
   }
   return model->norm(h);
 }
 
+namespace {
+bool chunked_applies(AttentionKernel k, torch::ScalarType dtype, const torch::Device& dev) {
+  return k == AttentionKernel::kChunked && dtype == torch::kFloat32 && dev.is_cpu();
+}
+}  // namespace
+
+torch::Tensor LlamaModelImpl::hidden_states(const torch::Tensor& input_ids_in, const torch::Tensor& attention_mask) {
+  if (!attention_mask.defined() || attention_mask.sizes() != input_ids_in.sizes())
+    throw std::runtime_error("LlamaModel::forward: attention_mask must have the shape of input_ids " +
+                             c10::str(input_ids_in.sizes()));
+  const torch::Device dev = model->embed_tokens->weight.device();
+  if (chunked_applies(attention_kernel_, dtype_, dev) && input_ids_in.dim() == 2) {
+    if (auto layout = attention_layout_from_mask(attention_mask))
+      return hidden_states(input_ids_in, std::make_shared<const AttentionLayout>(std::move(*layout)));
+  }
+  torch::Tensor h = embed(input_ids_in);
+  const int64_t B = h.size(0), T = h.size(1);
+  if (cfg_.sliding_window && T > *cfg_.sliding_window)
+    throw std::runtime_error("LlamaModel::forward: " + std::to_string(T) + " tokens exceed the model's sliding_window (" +
+                             std::to_string(*cfg_.sliding_window) +
+                             "), which is not implemented; use sequences of at most sliding_window tokens");
+  AttentionInputs in;
+  auto [cos, sin] = llama_rope_cos_sin(cfg_, T, dev);  // (T, D)
+  in.cos = cos.unsqueeze(0);
+  in.sin = sin.unsqueeze(0);
+  torch::Tensor causal = torch::ones({T, T}, torch::TensorOptions().dtype(torch::kBool).device(dev)).tril();
+  torch::Tensor keys = attention_mask.to(dev).ne(0).view({B, 1, 1, T});
+  in.allowed = causal.view({1, 1, T, T}).logical_and(keys);  // (B, 1, T, T)
+  return run_layers(h, in);
+}
+
+torch::Tensor LlamaModelImpl::hidden_states(const torch::Tensor& input_ids, std::shared_ptr<const AttentionLayout> layout) {
+  if (!layout) throw std::runtime_error("LlamaModel::forward: no attention layout");
+  attention_layout_check(*layout);
+  if (input_ids.dim() != 2 || input_ids.size(0) != layout->rows || input_ids.size(1) != layout->tokens)
+    throw std::runtime_error("LlamaModel::forward: input_ids " + c10::str(input_ids.sizes()) + " do not match the layout (" +
+                             std::to_string(layout->rows) + ", " + std::to_string(layout->tokens) + ")");
+  torch::Tensor h = embed(input_ids);
+  const torch::Device dev = h.device();
+  const int64_t B = layout->rows, T = layout->tokens;
+  const int64_t max_pos = layout->position_ids.numel() > 0 ? layout->position_ids.max().item<int64_t>() : 0;
+  if (layout->position_ids.numel() > 0 && layout->position_ids.min().item<int64_t>() < 0)
+    throw std::runtime_error("LlamaModel::forward: negative position id in the layout");
+  if (cfg_.sliding_window && max_pos + 1 > *cfg_.sliding_window)
+    throw std::runtime_error("LlamaModel::forward: position " + std::to_string(max_pos) + " exceeds the model's sliding_window (" +
+                             std::to_string(*cfg_.sliding_window) +
+                             "), which is not implemented; use sequences of at most sliding_window tokens");
+  AttentionInputs in;
+  auto [cos, sin] = llama_rope_cos_sin(cfg_, max_pos + 1, dev);  // (P, D)
+  torch::Tensor pos = layout->position_ids.reshape({-1}).to(dev);
+  in.cos = cos.index_select(0, pos).view({B, T, -1});
+  in.sin = sin.index_select(0, pos).view({B, T, -1});
+  if (chunked_applies(attention_kernel_, dtype_, dev)) {
+    in.layout = layout;
+  } else {
+    in.allowed = attention_layout_dense_mask(*layout).to(dev);
+  }
+  return run_layers(h, in);
+}
+
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
-  torch::Tensor h = hidden_states(input_ids, attention_mask);      // (B, T, C)
+  torch::Tensor h = hidden_states(input_ids, attention_mask);         // (B, T, C)
+  return torch::matmul(h, lm_head_weight().t()).to(torch::kFloat32);  // (B, T, V)
+}
+
+torch::Tensor LlamaModelImpl::forward(const torch::Tensor& input_ids, std::shared_ptr<const AttentionLayout> layout) {
+  torch::Tensor h = hidden_states(input_ids, std::move(layout));      // (B, T, C)
   return torch::matmul(h, lm_head_weight().t()).to(torch::kFloat32);  // (B, T, V)
 }
 

@@ -29,6 +29,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include "core/attention.h"
 #include "core/linear.h"
 
 namespace dpo {
@@ -110,12 +111,22 @@ class LlamaRMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaRMSNorm);
 
+/// What every attention layer of one forward needs besides its input.
+struct AttentionInputs {
+  torch::Tensor cos, sin;  // (B or 1, T, D) fp32: RoPE tables at every token's position
+  /// Kernel: attention_chunked with this layout when set, else attention_dense with `allowed`.
+  std::shared_ptr<const AttentionLayout> layout;
+  torch::Tensor allowed;   // (B, 1, T, T) bool, for the dense kernel
+};
+
+/// Which attention kernel a model runs where both apply (chunked: fp32 CPU only).
+enum class AttentionKernel { kDense, kChunked };
+
 class LlamaAttentionImpl : public torch::nn::Module {
  public:
   LlamaAttentionImpl(const LlamaConfig& cfg, torch::ScalarType dtype);
-  /// x (B, T, C), cos/sin (T, D), allowed (B, 1, T, T) bool -> (B, T, C)
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& allowed);
+  /// x (B, T, C) -> (B, T, C)
+  torch::Tensor forward(const torch::Tensor& x, const AttentionInputs& in);
   FrozenLinear q_proj{nullptr};  // C -> H*D
   FrozenLinear k_proj{nullptr};  // C -> K*D
   FrozenLinear v_proj{nullptr};  // C -> K*D
@@ -144,9 +155,8 @@ using LayerHook = std::function<torch::Tensor(int64_t layer, const torch::Tensor
 class LlamaDecoderLayerImpl : public torch::nn::Module {
  public:
   LlamaDecoderLayerImpl(const LlamaConfig& cfg, int64_t index, torch::ScalarType dtype);
-  /// x (B, T, C) -> (B, T, C); cos/sin (T, D); allowed (B, 1, T, T)
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& allowed);
+  /// x (B, T, C) -> (B, T, C)
+  torch::Tensor forward(const torch::Tensor& x, const AttentionInputs& in);
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};
   LlamaRMSNorm input_layernorm{nullptr};
@@ -187,7 +197,17 @@ class LlamaModelImpl : public torch::nn::Module {
   /// (right padding; positions are 0..T-1) -> logits (B, T, V) fp32.
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask);
   /// The final-norm hidden states (B, T, C) in the compute dtype (before lm_head).
+  /// Positions of padding (mask 0) are unspecified (finite, never read by a loss).
   torch::Tensor hidden_states(const torch::Tensor& input_ids, const torch::Tensor& attention_mask);
+  /// The same for any attention layout (shared prompts, packed rows; core/attention.h):
+  /// input_ids (B, T) with layout (B, T) -> (B, T, C).
+  torch::Tensor hidden_states(const torch::Tensor& input_ids, std::shared_ptr<const AttentionLayout> layout);
+  /// logits (B, T, V) fp32 of a layout.
+  torch::Tensor forward(const torch::Tensor& input_ids, std::shared_ptr<const AttentionLayout> layout);
+  /// kChunked (default): attention_chunked wherever the compute is fp32 on the CPU;
+  /// kDense: (B, H, T, T) attention everywhere (transformers' eager path).
+  void set_attention_kernel(AttentionKernel k) { attention_kernel_ = k; }
+  AttentionKernel attention_kernel() const { return attention_kernel_; }
   /// The lm_head weight (V, C) in use: the embedding table when tied, or the
   /// trainable copy of modules_to_save while those are enabled (then fp32).
   torch::Tensor lm_head_weight() const;
@@ -226,6 +246,9 @@ class LlamaModelImpl : public torch::nn::Module {
   LlamaConfig cfg_;
   torch::ScalarType dtype_;
   bool checkpointing_ = false;
+  AttentionKernel attention_kernel_ = AttentionKernel::kChunked;
+  torch::Tensor run_layers(torch::Tensor h, const AttentionInputs& in);
+  torch::Tensor embed(const torch::Tensor& input_ids);  // checked ids (B, T) -> (B, T, C)
   torch::Tensor mts_embed_, mts_head_;  // (V, C) trainable copies (modules_to_save) or undefined
   bool mts_enabled_ = true;
 };

@@ -1,6 +1,8 @@
 // sequence_logps: a custom autograd function with a hand-vectorized CPU loop and an
 // ATen fallback; average_by_length and token_mean_nll.
 #include "core/logps.h"
+
+#include "core/simd_math.h"
 #include "util/tensor_str.h"
 
 #include <algorithm>
@@ -90,31 +92,8 @@ int64_t position_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std:
 // exact std::exp path (NaN/inf propagate as in log_softmax).
 
 constexpr int64_t kChunk = 512;
-constexpr int kLanes = 8;
-
-// Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, with a
-// degree-6 polynomial; relative error ~2 ulp for x in [-87, 88] (x is clamped there,
-// so exp(-inf) reads as ~1.6e-38 instead of 0: callers only pass finite x <= ~0).
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;  // in [-125.6, 127]
-  // round(t) without a branch: the shifted value is > 0, so truncation is floor.
-  const int32_t n = static_cast<int32_t>(t + 128.5f) - 128;
-  const float fn = static_cast<float>(n);
-  float r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using simd::exp_approx;  // core/simd_math.h: Cephes expf, ~2 ulp, vectorizes with -fno-trapping-math
+using simd::kLanes;
 
 // The chunk as fp32: the logits themselves when they are fp32, else converted into buf.
 template <typename scalar_t>
@@ -414,6 +393,142 @@ class SeqLogpsFn : public torch::autograd::Function<SeqLogpsFn> {
 };
 
 
+// ---- chunked lm_head + log-softmax ------------------------------------------------
+// Only the positions that predict a scored token are computed, kHeadChunkBytes of fp32
+// logits at a time; backward recomputes each chunk's logits from the saved hidden rows.
+
+// Rows of logits per chunk: ~32 MiB of fp32 (256 rows at V = 32000, 65 at V = 128256).
+int64_t g_head_chunk_rows = 0;  // > 0: tests force small chunks
+int64_t head_chunk_rows(int64_t V) {
+  if (g_head_chunk_rows > 0) return g_head_chunk_rows;
+  return std::max<int64_t>(16, (int64_t{32} << 20) / 4 / std::max<int64_t>(1, V));
+}
+
+// fp32 logits (m, V) of rows [m0, m1) of x: x itself when w is undefined (x already
+// holds logits), else x[m0:m1] @ w^T (lm_head in the compute dtype, upcast as the model does).
+Tensor head_chunk(const Tensor& x, const Tensor& w, int64_t m0, int64_t m1) {
+  Tensor rows = x.narrow(0, m0, m1 - m0);
+  Tensor logits = w.numel() > 0 ? at::mm(rows, w.t()) : rows;
+  return (logits.scalar_type() == torch::kFloat ? logits : logits.to(torch::kFloat)).contiguous();
+}
+
+class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
+ public:
+  // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) or empty (its gradient only when it requires grad);
+  // target, seq (M) int64 CPU; S sequences.
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor target, Tensor seq, int64_t S) {
+    const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
+    const int64_t* tg = target.data_ptr<int64_t>();
+    const int64_t* sq = seq.data_ptr<int64_t>();
+    std::vector<double> lse(M), logp(M), sx(M);
+    std::vector<uint8_t> exact(M, 0);
+    const int64_t step = head_chunk_rows(V);
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
+      const int64_t m1 = std::min(M, m0 + step);
+      Tensor lg = head_chunk(x, w, m0, m1);
+      if (lg.is_cpu()) {
+        const float* base = lg.data_ptr<float>();
+        at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const float* row = base + i * V;
+            double l = 0.0, s = 0.0;
+            const bool fast = fast_lse(row, V, l, s);
+            if (!fast) exact_lse(row, V, l, s);
+            exact[m0 + i] = fast ? 0 : 1;
+            lse[m0 + i] = l;
+            logp[m0 + i] = static_cast<double>(row[tg[m0 + i]]) - l;
+            sx[m0 + i] = s;
+          }
+        });
+      } else {
+        Tensor l = lg.logsumexp({1});
+        Tensor t = lg.gather(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1)).squeeze(1);
+        Tensor cols = at::stack({l.to(torch::kDouble), (t - l).to(torch::kDouble), lg.to(torch::kDouble).sum(1)}).cpu();
+        for (int64_t i = 0; i < m1 - m0; ++i) {
+          lse[m0 + i] = cols[0][i].item<double>();
+          logp[m0 + i] = cols[1][i].item<double>();
+          sx[m0 + i] = cols[2][i].item<double>();
+          exact[m0 + i] = 1;
+        }
+      }
+    }
+    std::vector<double> sum(S, 0.0), mean(S, 0.0);
+    std::vector<int64_t> counts(S, 0);
+    for (int64_t i = 0; i < M; ++i) {
+      sum[sq[i]] += logp[i];
+      mean[sq[i]] += sx[i] / static_cast<double>(V);
+      ++counts[sq[i]];
+    }
+    for (int64_t s = 0; s < S; ++s) mean[s] = counts[s] > 0 ? mean[s] / static_cast<double>(counts[s]) : 0.0;
+    const auto out_opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
+    Tensor logps = to_double_tensor(sum).to(out_opts), mean_logits = to_double_tensor(mean).to(out_opts);
+    Tensor token_counts = to_long_tensor(counts).to(x.device());
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["lse"] = to_double_tensor(lse);
+    ctx->saved_data["exact"] = to_long_tensor(std::vector<int64_t>(exact.begin(), exact.end()));
+    ctx->saved_data["target"] = target;
+    ctx->saved_data["seq"] = seq;
+    ctx->mark_non_differentiable({mean_logits, token_counts});
+    return {logps, mean_logits, token_counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    Tensor x = saved[0], w = saved[1];
+    const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
+    Tensor grad_x = at::zeros_like(x);
+    // The head's own gradient only where it is trained (modules_to_save lm_head).
+    const bool want_w = w.numel() > 0 && ctx->needs_input_grad(1);
+    Tensor grad_w = want_w ? at::zeros_like(w) : Tensor();
+    if (!grads[0].defined() || M == 0) return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
+    Tensor gs = grads[0].to(torch::kCPU, torch::kDouble).contiguous();
+    const double* gr = gs.data_ptr<double>();
+    Tensor lse_t = ctx->saved_data["lse"].toTensor(), ex_t = ctx->saved_data["exact"].toTensor();
+    Tensor target = ctx->saved_data["target"].toTensor(), seq = ctx->saved_data["seq"].toTensor();
+    const double* lse = lse_t.data_ptr<double>();
+    const int64_t* ex = ex_t.data_ptr<int64_t>();
+    const int64_t* tg = target.data_ptr<int64_t>();
+    const int64_t* sq = seq.data_ptr<int64_t>();
+    const int64_t step = head_chunk_rows(V);
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
+      const int64_t m1 = std::min(M, m0 + step);
+      // d logp / d logit_v = [v == target] - softmax_v, times the sequence's gradient.
+      Tensor lg = head_chunk(x, w, m0, m1);
+      if (lg.is_cpu()) {
+        float* base = lg.data_ptr<float>();
+        at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            float* row = base + i * V;
+            const float g = static_cast<float>(gr[sq[m0 + i]]);
+            const float l = static_cast<float>(lse[m0 + i]);
+            const float p_t = std::exp(row[tg[m0 + i]] - l);
+            if (ex[m0 + i]) {
+              for (int64_t v = 0; v < V; ++v) row[v] = -g * std::exp(row[v] - l);
+            } else {
+              int64_t v = 0;
+              for (; v + kLanes <= V; v += kLanes)
+                for (int j = 0; j < kLanes; ++j) row[v + j] = -g * exp_approx(row[v + j] - l);
+              for (; v < V; ++v) row[v] = -g * exp_approx(row[v] - l);
+            }
+            row[tg[m0 + i]] = g * (1.0f - p_t);
+          }
+        });
+      } else {
+        Tensor l = to_double_tensor(std::vector<double>(lse + m0, lse + m1)).to(lg.device(), torch::kFloat);
+        Tensor g = gs.index_select(0, seq.narrow(0, m0, m1 - m0)).to(lg.device(), torch::kFloat);
+        Tensor d = (lg - l.unsqueeze(1)).exp_().neg_();
+        d.scatter_add_(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1), torch::ones({m1 - m0, 1}, d.options()));
+        lg = d.mul_(g.unsqueeze(1));
+      }
+      Tensor gx = w.numel() > 0 ? at::mm(lg.to(w.scalar_type()), w) : lg.to(x.scalar_type());
+      grad_x.narrow(0, m0, m1 - m0).copy_(gx);
+      // dL/dW (V, C) += dlogits^T (V, m) @ x (m, C)
+      if (want_w) grad_w.addmm_(lg.t().to(w.scalar_type()), x.narrow(0, m0, m1 - m0).to(w.scalar_type()));
+    }
+    return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
+  }
+};
+
 Tensor counts_as(const Tensor& token_counts, const Tensor& like) {
   return token_counts.to(like.device(), like.scalar_type());
 }
@@ -442,6 +557,8 @@ void check_logps_inputs(const Tensor& logits, const Tensor& input_ids, const Ten
 }
 
 namespace detail {
+void set_head_chunk_rows(int64_t rows) { g_head_chunk_rows = rows; }
+
 SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask,
                         LogpsKernel kernel) {
   check_logps_inputs(logits, input_ids, loss_mask);
@@ -452,6 +569,39 @@ SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Ten
 
 SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask) {
   return detail::sequence_logps(logits, input_ids, loss_mask, detail::LogpsKernel::automatic);
+}
+
+SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& position, const Tensor& token,
+                    const Tensor& sequence, int64_t sequences) {
+  if (!hidden.defined() || hidden.dim() < 2 || !hidden.is_floating_point())
+    throw std::runtime_error("head_logps: hidden must be a float tensor (..., C)");
+  const int64_t C = hidden.size(-1);
+  if (weight.defined() && (weight.dim() != 2 || weight.size(1) != C))
+    throw std::runtime_error("head_logps: weight must be (V, " + std::to_string(C) + "); got " + shape_str(weight));
+  const int64_t V = weight.defined() ? weight.size(0) : C;
+  const int64_t M = position.numel();
+  if (token.numel() != M || sequence.numel() != M)
+    throw std::runtime_error("head_logps: position, token and sequence must have one entry per scored token");
+  Tensor pos = position.to(torch::kCPU, torch::kLong).contiguous();
+  Tensor tok = token.to(torch::kCPU, torch::kLong).contiguous();
+  Tensor seq = sequence.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t N = hidden.numel() / std::max<int64_t>(1, C);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t p = pos.data_ptr<int64_t>()[i], t = tok.data_ptr<int64_t>()[i], q = seq.data_ptr<int64_t>()[i];
+    if (p < 0 || p >= N || q < 0 || q >= sequences)
+      throw std::runtime_error("head_logps: entry " + std::to_string(i) + " reads position " + std::to_string(p) +
+                               " of " + std::to_string(N) + " for sequence " + std::to_string(q) + " of " +
+                               std::to_string(sequences));
+    if (t < 0 || t >= V)
+      throw std::runtime_error("head_logps: token " + std::to_string(t) + " is outside the vocabulary [0, " +
+                               std::to_string(V) + "); the data was tokenized for another model (check vocab_size)");
+  }
+  Tensor rows = hidden.reshape({N, C}).index_select(0, pos.to(hidden.device()));  // (M, C)
+  // No weight: an empty placeholder (autograd records every tensor input; undefined ones are refused).
+  // A weight that requires grad (a trained lm_head copy) gets its gradient in backward.
+  auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight : torch::empty({0}, hidden.options()), tok, seq,
+                                sequences);
+  return SeqLogps{out[0], out[1], out[2]};
 }
 
 Tensor average_by_length(const Tensor& logps, const Tensor& token_counts) {

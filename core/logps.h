@@ -59,7 +59,26 @@ torch::Tensor average_by_length(const torch::Tensor& logps,          // (R) floa
 torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed log-probs
                              const torch::Tensor& token_counts);  // (R) int64
 
+/// Log-probs of scored tokens straight from the final hidden states, without ever
+/// building the (positions, V) logits: the hidden rows at `position` go through lm_head
+/// + log-softmax in chunks of ~32 MiB of fp32 logits, and backward recomputes each
+/// chunk (grad w.r.t. hidden, and w.r.t. the weight only when it requires grad: a
+/// modules_to_save lm_head). Entry i scores
+/// token[i] with the logits of hidden row position[i] (a flat index over hidden's
+/// leading dims) and adds it to sequence[i]. With `weight` undefined, `hidden` holds
+/// logits already ((..., V): the full-logits path) and is only read at `position`.
+/// Same statistics as sequence_logps, per sequence: logps (S) fp32, differentiable;
+/// mean_logits (S); token_counts (S).
+SeqLogps head_logps(const torch::Tensor& hidden,    // (..., C) compute dtype, or (..., V) logits
+                    const torch::Tensor& weight,    // (V, C) lm_head, or undefined
+                    const torch::Tensor& position,  // (M) int64
+                    const torch::Tensor& token,     // (M) int64 in [0, V)
+                    const torch::Tensor& sequence,  // (M) int64 in [0, S)
+                    int64_t sequences);             // S
+
 namespace detail {
+/// head_logps's positions per chunk; 0 = automatic (~32 MiB of fp32 logits). For tests.
+void set_head_chunk_rows(int64_t rows);
 /// Which kernel sequence_logps uses: automatic = the CPU loop for contiguous CPU
 /// logits, ATen ops otherwise. Exposed for tests that compare the two.
 enum class LogpsKernel { automatic, cpu_loop, aten };

@@ -32,8 +32,20 @@ int available_cores() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
+int auto_threads(int usable_cores, int online_cores, int ranks_on_node) {
+  // The node's cores shared by its ranks, but never more than this rank may run on:
+  // srun --cpus-per-task / mpirun --bind-to core give each rank its own set (use it),
+  // --bind-to none leaves every rank the whole node (divide it), --bind-to socket
+  // gives ranks of a socket the same set (divide the node).
+  const int ranks = std::max(1, ranks_on_node);
+  return std::max(1, std::min(usable_cores, std::max(1, online_cores / ranks)));
+}
+
 int configure_threads(int requested, int ranks_on_node) {
-  int n = requested > 0 ? requested : std::max(1, available_cores() / std::max(1, ranks_on_node));
+  long online = sysconf(_SC_NPROCESSORS_ONLN);
+  int n = requested > 0 ? requested
+                        : auto_threads(available_cores(), online > 0 ? static_cast<int>(online) : available_cores(),
+                                       ranks_on_node);
   at::set_num_threads(n);
   static bool inter_set = false;
   if (!inter_set) {

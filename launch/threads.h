@@ -9,7 +9,11 @@ namespace dpo {
 
 /// Cores of this machine usable by this process (sched_getaffinity, else nproc).
 int available_cores();
-/// requested > 0: that many; 0: max(1, cores / ranks_on_node). Applies it to
+/// Threads of one rank when none are requested: min(cores this process may run on,
+/// cores of the node / ranks on the node), at least 1 (no oversubscription whether the
+/// launcher binds ranks to their own cores, to a shared socket, or not at all).
+int auto_threads(int usable_cores, int online_cores, int ranks_on_node);
+/// requested > 0: that many; 0: auto_threads(affinity cores, online cores, ranks_on_node). Applies it to
 /// libtorch (intra- and, once, inter-op) and OpenBLAS; returns the number set.
 int configure_threads(int requested, int ranks_on_node);
 /// Makes every allocation of >= 1 MiB its own mmap, returned to the OS when freed

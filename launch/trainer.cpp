@@ -22,6 +22,7 @@
 #include "data/sampler.h"
 #include "dist/grad_sync.h"
 #include "dist/signals.h"
+#include "launch/dpo_step.h"
 #include "launch/metrics_log.h"
 #include "launch/model_setup.h"
 #include "launch/rng_state.h"
@@ -87,7 +88,11 @@ class Trainer {
   void resume(const std::string& dir);
   void maybe_precompute_ref(const std::string& path, std::unique_ptr<PreferenceReader>& reader);
   void train_step();
+  void set_reference_mode(bool on);
+  torch::Tensor reference_logps(const ModelBatch& b);
   torch::Tensor reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask);
+  DpoStepLoss batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens, double* flops,
+                             torch::Tensor* ref_out = nullptr);
   DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   DpoMetrics step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens);
   DpoGlobalTerms global_terms(const std::vector<double>& local, size_t* offset);
@@ -113,6 +118,8 @@ class Trainer {
   std::unique_ptr<MetricsLog> log_;
   std::unique_ptr<ProgressLine> progress_;
   DpoOptions dpo_opts_;
+  DpoStepOptions step_opts_;
+  double peak_gflops_ = 0;  // fp32 matmul peak of a rank, averaged over ranks (train_mfu)
   bool global_terms_ = false;
   ScheduleOptions sched_;
 
@@ -121,9 +128,10 @@ class Trainer {
   // Log window (since the last log event), already reduced over ranks.
   DpoMetrics win_dpo_;
   SftMetrics win_sft_;
-  double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0;
+  double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0, win_flops_ = 0;
   int64_t win_steps_ = 0;
   int64_t last_saved_step_ = -1;
+  double step_flops_ = 0;  // executed FLOPs of this rank's current step
   RankGenerators rng_;  // LoRA dropout's generators (CPU, + this rank's GPU on --device cuda)
   std::vector<json> history_;
 };
@@ -135,6 +143,8 @@ void Trainer::setup() {
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
   dpo_opts_ = o_.dpo_options();
   validate_dpo_options(dpo_opts_);
+  step_opts_.share_prompt = o_.prefix_sharing;
+  step_opts_.padding_free = o_.padding_free;
   // aot / aot_unpaired sort over the whole global batch: train_step gathers every
   // rank's log-ratios and adds those terms itself (docs/objective.md).
   global_terms_ = o_.stage == "dpo" && dpo_has_global_terms(dpo_opts_);
@@ -168,6 +178,9 @@ void Trainer::setup() {
   lora_cfg_.ensure_weight_tying = !o_.modules_to_save.empty() && m_.model->config().tie_word_embeddings;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
+  // The chunked attention kernel with the packed path; the plain path stays TRL's.
+  m_.model->set_attention_kernel(o_.padding_free || o_.prefix_sharing ? AttentionKernel::kChunked
+                                                                      : AttentionKernel::kDense);
   m_.model->train();
   params_ = lora_parameters(m_.projections);
   // modules_to_save: full fp32 copies, trained, synced and saved with the adapters.
@@ -218,6 +231,8 @@ void Trainer::setup() {
   std::vector<torch::Tensor> ps;
   for (auto& p : params_) ps.push_back(p.second);
   grad_sync_ = std::make_unique<GradSync>(comm_, ps);
+  // train_mfu = executed FLOPs / (this peak x ranks x seconds).
+  peak_gflops_ = comm_.allreduce_sum(measure_matmul_gflops(1024, 3)) / world_;
 
   // 6. dropout RNG: distinct per rank, reproducible from the seed (manual_seed seeds the
   // CPU generator and every visible GPU's)
@@ -321,7 +336,7 @@ json Trainer::resume_record() const {
                     {"total_steps", sched_.total_steps}, {"last_lr", last_lr_}};
   d["log_window"] = {{"dpo", win_dpo_.to_vector()},     {"sft", win_sft_.to_vector()},
                      {"tokens", win_tokens_},          {"seconds", win_seconds_},
-                     {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}};
+                     {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}, {"flops", win_flops_}};
   return d;
 }
 
@@ -355,6 +370,7 @@ void Trainer::resume(const std::string& dir) {
   win_seconds_ = w["seconds"];
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
+  win_flops_ = w.value("flops", 0.0);
   // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
   // stopped; with another world size the ranks' streams cannot map one to one, and without
   // the file (deleted to change --device: launch/rng_state.h) there is nothing to continue:
@@ -374,15 +390,56 @@ void Trainer::resume(const std::string& dir) {
   say("resumed from " + dir + " at step " + std::to_string(global_step_));
 }
 
-// Summed answer log-probs of the reference: the same 4-bit base with adapters off, no grad.
+// The reference model: the same 4-bit base with the LoRA adapters and the
+// modules_to_save copies off (PEFT's disable_adapter); on = back to the policy.
+void Trainer::set_reference_mode(bool on) {
+  lora_set_enabled(m_.projections, !on);
+  m_.model->set_modules_to_save_enabled(!on);
+}
+
+// Summed answer log-probs of the reference, no grad: packed layout ...
+torch::Tensor Trainer::reference_logps(const ModelBatch& b) {
+  torch::NoGradGuard ng;
+  set_reference_mode(true);
+  torch::Tensor ref = model_answer_logps(m_.model, b, step_opts_.chunked_logps).logps.to(torch::kFloat64);
+  set_reference_mode(false);
+  return ref;
+}
+
+// ... or padded [chosen; rejected] rows (the plain path).
 torch::Tensor Trainer::reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask) {
   torch::NoGradGuard ng;
-  lora_set_enabled(m_.projections, false);
-  m_.model->set_modules_to_save_enabled(false);  // the original tables, as PEFT's disable_adapter
+  set_reference_mode(true);
   torch::Tensor ref = sequence_logps(m_.model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
-  m_.model->set_modules_to_save_enabled(true);
-  lora_set_enabled(m_.projections, true);
+  set_reference_mode(false);
   return ref;
+}
+
+// A micro-batch's DPO loss: the plain path (TRL's: two padded rows per pair, full
+// logits, dense attention) or the packed layout (launch/dpo_step.h) with
+// --prefix_sharing / --padding_free. Adds the TRL-counted tokens and the executed
+// FLOPs; ref_out (optional) receives the reference log-probs used (2B).
+DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens,
+                                    double* flops, torch::Tensor* ref_out) {
+  PackedPairs p = collate_packed(ex, pad_id, step_opts_.share_prompt, step_opts_.padding_free);
+  if (tokens) *tokens += p.trl_tokens;
+  const bool ckpt = o_.gradient_checkpointing && torch::GradMode::is_enabled();
+  if (!step_opts_.share_prompt && !step_opts_.padding_free) {
+    if (flops) *flops += dpo_step_flops(m_.model->config(), p, DpoStepOptions{false, false, false}, true,
+                                        !p.ref_logps.defined(), ckpt);
+    PreferenceBatch pb = collate_pairs(ex, pad_id);
+    auto ids = pb.input_ids.to(m_.device), mask = pb.attention_mask.to(m_.device), lm = pb.loss_mask.to(m_.device);
+    torch::Tensor ref = pb.ref_logps.defined() ? pb.ref_logps : reference_logps(ids, mask, lm);
+    if (ref_out) *ref_out = ref;
+    return dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
+  }
+  ModelBatch b = model_batch(p, m_.device);
+  const bool dense = m_.model->attention_kernel() == AttentionKernel::kDense || m_.model->compute_dtype() != torch::kFloat32 ||
+                     !m_.device.is_cpu();
+  if (flops) *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(), ckpt);
+  torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(b);
+  if (ref_out) *ref_out = ref;
+  return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps), ref.to(m_.device), dpo_opts_);
 }
 
 DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
@@ -391,12 +448,7 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
   std::vector<PreferenceExample> ex;
   ex.reserve(idx.size());
   for (int64_t i : idx) ex.push_back(train_->get(i));
-  PreferenceBatch b = collate_pairs(ex, train_->attrs().pad_id);
-  auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lmask = b.loss_mask.to(m_.device);
-  *tokens += b.attention_mask.sum().item<int64_t>();
-  torch::Tensor ref = b.ref_logps.defined() ? b.ref_logps : reference_logps(ids, mask, lmask);
-  auto logits = m_.model->forward(ids, mask);
-  DpoStepLoss l = dpo_batch_loss(logits, ids, lmask, ref.to(m_.device), dpo_opts_);
+  DpoStepLoss l = batch_dpo_loss(ex, train_->attrs().pad_id, tokens, &step_flops_);
   // scale = world / global pairs of the step: after the gradient average over ranks
   // this is the mean over every pair of the global batch.
   (l.losses.sum() * scale).backward();
@@ -506,6 +558,7 @@ void Trainer::train_step() {
   StepPlan plan = sampler_->plan(epoch, in_epoch);
   m_.model->train();
   int64_t tokens = 0;
+  step_flops_ = 0;
   DpoMetrics dm;
   SftMetrics sm;
   if (o_.stage == "dpo") {
@@ -534,12 +587,14 @@ void Trainer::train_step() {
   std::vector<double> v = dm.to_vector();
   std::vector<double> sv = sm.to_vector();
   v.insert(v.end(), sv.begin(), sv.end());
+  v.push_back(step_flops_);
   v.push_back(static_cast<double>(tokens));
   comm_.allreduce_sum(v);
   DpoMetrics gdm = DpoMetrics::from_vector(std::vector<double>(v.begin(), v.begin() + DpoMetrics::kNumFields));
   SftMetrics gsm = SftMetrics::from_vector(
       std::vector<double>(v.begin() + DpoMetrics::kNumFields, v.begin() + DpoMetrics::kNumFields + SftMetrics::kNumFields));
   const double step_tokens = v.back();
+  const double step_flops = v[v.size() - 2];
   const double step_loss = o_.stage == "dpo" ? gdm.loss_sum / std::max(1.0, gdm.pairs) : gsm.nll_sum / std::max(1.0, gsm.tokens);
   if (!std::isfinite(step_loss) || !std::isfinite(last_grad_norm_)) {
     throw std::runtime_error("non-finite " + std::string(std::isfinite(step_loss) ? "gradient norm" : "loss") + " at step " +
@@ -556,6 +611,7 @@ void Trainer::train_step() {
   win_dpo_ += gdm;
   win_sft_ += gsm;
   win_tokens_ += step_tokens;
+  win_flops_ += step_flops;
   win_seconds_ += secs;
   win_grad_norm_sum_ += last_grad_norm_;
   ++win_steps_;
@@ -583,6 +639,8 @@ void Trainer::log_train() {
     // is the same with logging_steps 1.
     ev["grad_norm"] = win_grad_norm_sum_ / static_cast<double>(win_steps_);
     ev["tokens_per_second"] = win_tokens_ / std::max(win_seconds_, 1e-9);
+    if (win_flops_ > 0 && peak_gflops_ > 0)
+      ev["train_mfu"] = win_flops_ / (std::max(win_seconds_, 1e-9) * peak_gflops_ * 1e9 * world_);
     log_->log(ev);
     if (!progress_->active()) {
       char buf[256];
@@ -601,7 +659,7 @@ void Trainer::log_train() {
   }
   win_dpo_ = DpoMetrics{};
   win_sft_ = SftMetrics{};
-  win_tokens_ = win_seconds_ = win_grad_norm_sum_ = 0;
+  win_tokens_ = win_seconds_ = win_grad_norm_sum_ = win_flops_ = 0;
   win_steps_ = 0;
 }
 
@@ -618,19 +676,18 @@ void Trainer::evaluate() {
     std::vector<PreferenceExample> ex;
     for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
     if (o_.stage == "dpo") {
-      PreferenceBatch b = collate_pairs(ex, eval_->attrs().pad_id);
-      auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lm = b.loss_mask.to(m_.device);
-      torch::Tensor ref = b.ref_logps.defined() ? b.ref_logps : reference_logps(ids, mask, lm);
-      DpoStepLoss l = dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
+      torch::Tensor ref;
+      DpoStepLoss l = batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr, &ref);
       dm += l.metrics;
       if (global_terms_) {
+        const int64_t B = static_cast<int64_t>(ex.size());
         const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
         const torch::Tensor c = l.chosen_logps.to(torch::kCPU, torch::kFloat64), j = l.rejected_logps.to(torch::kCPU, torch::kFloat64);
-        for (int64_t i = 0; i < b.num_pairs; ++i) {
+        for (int64_t i = 0; i < B; ++i) {
           pc.push_back(c[i].item<double>());
           pr.push_back(j[i].item<double>());
           rc.push_back(r[i].item<double>());
-          rr.push_back(r[b.num_pairs + i].item<double>());
+          rr.push_back(r[B + i].item<double>());
         }
       }
     } else {

@@ -9,6 +9,7 @@
 #include "dist/signals.h"
 #include "dist/watchdog.h"
 #include "launch/cli.h"
+#include "launch/tensor_cache.h"
 #include "launch/plan.h"
 #include "launch/threads.h"
 #include "launch/train_options.h"
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     limit_heap_retention();
+    install_tensor_cache();  // large activations reuse their mappings step after step
     mpi = std::make_unique<MpiSession>(&argc, &argv);
     {
       // Creating the communicator runs collectives too (MPI_Comm_dup, MPI_Comm_split_type):

@@ -14,6 +14,7 @@
 #include "launch/model_setup.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
+#include "launch/tensor_cache.h"
 #include "launch/threads.h"
 #include "util/fs.h"
 
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
     if (cli.get_int("batch_size") < 1) throw CliError("option --batch_size must be >= 1");
     configure_threads(static_cast<int>(cli.get_int("threads")), 1);
     limit_heap_retention();
+    install_tensor_cache();  // large activations reuse their mappings step after step
 
     LoadedModel m = load_model(model_options_from(cli));
     const std::string adapter = cli.get_string("adapter");

@@ -1,14 +1,18 @@
-// Memory benchmark of one QLoRA DPO micro-batch on a Llama-2-7B-shaped model:
-// the model is generated directly in NF4 (llama_init_random, one tensor at a time),
-// LoRA r=8 on q_proj,v_proj, gradient checkpointing on, and one chosen/rejected
-// pair of 2 x T tokens (the last `answer` tokens scored) goes through
+// Memory benchmark of one QLoRA DPO micro-batch on a Llama-2-7B-shaped (or, with
+// --preset llama3-8b, Llama-3-8B-shaped: V 128256, GQA) model: the model is generated
+// directly in NF4 (llama_init_random, one tensor at a time), LoRA r=8 on q_proj,v_proj,
+// gradient checkpointing on, and one pair (prompt + two answers; rows of the seed's
+// max_length 1024 by default) goes through the trainer's path (launch/dpo_step: one
+// shared-prompt row, chunked attention and log-probs, tensor cache) or, with
+// --path trl, two padded rows with full logits and dense attention:
 //   1. the reference forward (adapters off, no grad) -> reference logps,
 //   2. the policy forward + dpo_batch_loss + backward.
 // After each phase it prints the phase time, the current RSS, the peak RSS of the
 // phase (VmHWM, reset between phases through /proc/self/clear_refs) and the
 // process peak (getrusage ru_maxrss). docs/benchmarks.md has results.
 //
-// Usage: bench_memory [--layers 32] [--threads 0] [--seq 512] [--answer 256] ...
+// Usage: bench_memory [--preset llama2-7b|llama3-8b] [--layers 32] [--threads 0] [--prompt 512] [--answer 512]
+//                     [--path optimized|trl] [--double_quant]
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -28,6 +32,9 @@
 #include "core/linear4bit.h"
 #include "core/llama.h"
 #include "core/lora.h"
+#include "data/collate.h"
+#include "launch/dpo_step.h"
+#include "launch/tensor_cache.h"
 #include "launch/cli.h"
 #include "launch/threads.h"
 
@@ -93,15 +100,13 @@ void report(const char* phase, double seconds) {
 int main(int argc, char** argv) {
   return dpo::run_main("bench_memory", [&]() -> int {
     dpo::Cli cli("bench_memory", "peak memory of one QLoRA DPO micro-batch on a Llama-2-7B-shaped NF4 model");
-    cli.add_int("layers", 32, "decoder layers (32 = Llama-2-7B; fewer for a quick run)");
-    cli.add_int("hidden_size", 4096, "hidden size C");
-    cli.add_int("intermediate_size", 11008, "MLP size F");
-    cli.add_int("heads", 32, "attention heads H (= key/value heads)");
-    cli.add_int("vocab_size", 32000, "vocabulary V");
-    cli.add_int("seq", 512, "tokens per row T (one pair = 2 rows)");
-    cli.add_int("answer", 256, "answer tokens at the end of each row");
+    cli.add_string("preset", "llama2-7b", "llama2-7b (V 32000) | llama3-8b (V 128256, F 14336, 8 kv heads)");
+    cli.add_int("layers", 32, "decoder layers (32 = the full model; fewer for a quick run)");
+    cli.add_int("prompt", 512, "prompt tokens of the pair (the seed's max_prompt_length)");
+    cli.add_int("answer", 512, "tokens of each answer (prompt + answer = the seed's max_length 1024)");
+    cli.add_string("path", "optimized", "optimized (packed, shared prompt, chunked attention and log-probs, tensor cache) | trl (two padded rows, full logits, dense attention)");
     cli.add_int("threads", 0, "compute threads (0 = all cores)");
-    cli.add_bool("double_quant", false, "double-quantize the NF4 absmax");
+    cli.add_bool("double_quant", true, "double-quantize the NF4 absmax (as configs/llama2-7b-*.ini)");
     cli.add_bool("checkpointing", true, "gradient checkpointing of the decoder layers");
     cli.add_int("seed", 0, "seed of the weights and tokens");
     if (!cli.parse(argc, argv)) return 0;
@@ -109,24 +114,37 @@ int main(int argc, char** argv) {
 
     const int threads = dpo::configure_threads(static_cast<int>(cli.get_int("threads")), 1);
     dpo::LlamaConfig cfg;
-    cfg.hidden_size = cli.get_int("hidden_size");
-    cfg.intermediate_size = cli.get_int("intermediate_size");
+    const std::string preset = cli.get_string("preset"), path = cli.get_string("path");
+    if (preset != "llama2-7b" && preset != "llama3-8b") throw dpo::CliError("--preset: llama2-7b or llama3-8b");
+    if (path != "optimized" && path != "trl") throw dpo::CliError("--path: optimized or trl");
+    const bool llama3 = preset == "llama3-8b";
+    const double target_gb = llama3 ? 7.0 : 6.0;
+    cfg.hidden_size = 4096;
+    cfg.intermediate_size = llama3 ? 14336 : 11008;
     cfg.num_hidden_layers = cli.get_int("layers");
-    cfg.num_attention_heads = cli.get_int("heads");
-    cfg.num_key_value_heads = cfg.num_attention_heads;
-    cfg.vocab_size = cli.get_int("vocab_size");
-    cfg.max_position_embeddings = 4096;
+    cfg.num_attention_heads = 32;
+    cfg.num_key_value_heads = llama3 ? 8 : 32;
+    cfg.vocab_size = llama3 ? 128256 : 32000;
+    cfg.rope_theta = llama3 ? 500000.0 : 10000.0;
+    cfg.max_position_embeddings = 8192;
     cfg.rms_norm_eps = 1e-5;
     cfg.pad_token_id = 0;
-    const int64_t T = cli.get_int("seq"), answer = cli.get_int("answer");
-    if (answer <= 0 || answer >= T) throw dpo::CliError("--answer must be in [1, --seq)");
+    const int64_t prompt_len = cli.get_int("prompt"), answer = cli.get_int("answer");
+    if (prompt_len <= 0 || answer <= 0) throw dpo::CliError("--prompt and --answer must be positive");
+    if (path == "optimized") {
+      dpo::limit_heap_retention();
+      dpo::install_tensor_cache();
+    }
 
     const int64_t C = cfg.hidden_size, F = cfg.intermediate_size, L = cfg.num_hidden_layers, V = cfg.vocab_size;
-    const int64_t proj_params = L * (4 * C * C + 3 * C * F);
+    const int64_t KD = cfg.num_key_value_heads * (C / cfg.num_attention_heads);
+    const int64_t proj_params = L * (2 * C * C + 2 * C * KD + 3 * C * F);
     const int64_t table_params = 2 * V * C;  // embeddings + lm_head (untied)
-    std::printf("bench_memory: L=%lld C=%lld F=%lld H=%lld V=%lld, pair of 2 x %lld tokens (%lld answer), threads %s\n",
-                (long long)L, (long long)C, (long long)F, (long long)cfg.num_attention_heads, (long long)V, (long long)T,
-                (long long)answer, dpo::describe_threads().c_str());
+    std::printf("bench_memory: %s shape, L=%lld C=%lld F=%lld H=%lld K=%lld V=%lld, one pair: prompt %lld + answers 2 x %lld "
+                "tokens, %s path, threads %s\n",
+                preset.c_str(), (long long)L, (long long)C, (long long)F, (long long)cfg.num_attention_heads,
+                (long long)cfg.num_key_value_heads, (long long)V, (long long)prompt_len, (long long)answer, path.c_str(),
+                dpo::describe_threads().c_str());
     std::printf("model: %.3f B parameters; the whole model in fp32 would be %.2f GB\n",
                 (proj_params + table_params + (2 * L + 1) * C) / 1e9, gb(4.0 * (proj_params + table_params)));
     std::printf("start                              RSS %6.2f GB\n", kb_gb(proc_status_kb("VmRSS")));
@@ -161,11 +179,21 @@ int main(int argc, char** argv) {
     std::printf("  of which llama_init_random: %.2f s\n", t_init);
 
     torch::manual_seed(static_cast<uint64_t>(cli.get_int("seed")) + 1);
-    auto ids = torch::randint(3, V, {2, T}, torch::kInt64);
-    ids[1].slice(0, 0, T - answer).copy_(ids[0].slice(0, 0, T - answer));  // shared prompt
-    auto mask = torch::ones({2, T}, torch::kInt64);
-    auto lmask = torch::zeros({2, T}, torch::kInt64);
-    lmask.slice(1, T - answer, T).fill_(1);
+    dpo::PreferenceExample ex;
+    auto draw = [&](int64_t n) {
+      auto t = torch::randint(3, V, {n}, torch::kInt64);
+      return std::vector<int32_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
+    };
+    ex.prompt = draw(prompt_len);
+    ex.prompt[0] = 1;
+    ex.chosen = draw(answer);
+    ex.rejected = draw(answer);
+    const std::vector<dpo::PreferenceExample> batch{ex};
+    dpo::DpoOptions dopts;
+    const bool trl = path == "trl";
+    model->set_attention_kernel(trl ? dpo::AttentionKernel::kDense : dpo::AttentionKernel::kChunked);
+    dpo::PreferenceBatch pb = dpo::collate_pairs(batch, 0);
+    dpo::ModelBatch mb = dpo::model_batch(dpo::collate_packed(batch, 0, true, true), torch::kCPU);
 
     // ---- 2. reference forward ---------------------------------------------
     t0 = now_s();
@@ -173,24 +201,24 @@ int main(int argc, char** argv) {
     {
       torch::NoGradGuard ng;
       dpo::lora_set_enabled(named, false);
-      auto ref_logits = model->forward(ids, mask);  // (2, T, V)
-      ref = dpo::sequence_logps(ref_logits, ids, lmask).logps.to(torch::kFloat64);
+      ref = (trl ? dpo::sequence_logps(model->forward(pb.input_ids, pb.attention_mask), pb.input_ids, pb.loss_mask)
+                 : dpo::model_answer_logps(model, mb, true))
+                .logps.to(torch::kFloat64);
       dpo::lora_set_enabled(named, true);
     }
     report("reference forward (no grad)", now_s() - t0);
 
     // ---- 3. policy forward + loss + backward --------------------------------
     t0 = now_s();
-    auto logits = model->forward(ids, mask);  // (2, T, V)
-    dpo::DpoOptions dopts;
-    dpo::DpoStepLoss l = dpo::dpo_batch_loss(logits, ids, lmask, ref, dopts);
+    dpo::DpoStepLoss l = trl ? dpo::dpo_batch_loss(model->forward(pb.input_ids, pb.attention_mask), pb.input_ids,
+                                                   pb.loss_mask, ref, dopts)
+                             : dpo::dpo_batch_loss(dpo::model_answer_logps(model, mb, true), ref, dopts);
     const double t_fwd = now_s() - t0;
     std::printf("  policy forward + loss: %.2f s (RSS %.2f GB, phase peak so far %.2f GB)\n", t_fwd,
                 kb_gb(proc_status_kb("VmRSS")), kb_gb(proc_status_kb("VmHWM")));
     const double t1 = now_s();
     l.loss.backward();
     const double t_bwd = now_s() - t1;
-    logits = torch::Tensor();
     std::printf("  backward: %.2f s\n", t_bwd);
     report("policy forward + DPO loss + backward", now_s() - t0);
 
@@ -199,8 +227,9 @@ int main(int argc, char** argv) {
       if (t.grad().defined()) gnorm += t.grad().pow(2).sum().item<double>();
     std::printf("loss %.6f, LoRA grad norm %.3e (lora_B starts at 0, so only lora_B has a gradient)\n",
                 l.loss.item<double>(), std::sqrt(gnorm));
-    std::printf("PEAK RSS (max of ru_maxrss and the phase VmHWMs) %.2f GB, threads %d; target <= 6 GB: %s\n", kb_gb(maxrss_kb()), threads,
-                kb_gb(maxrss_kb()) <= 6.0 ? "met" : "EXCEEDED");
+    const double peak_gb = std::max(kb_gb(maxrss_kb()), kb_gb(g_peak_kb));
+    std::printf("PEAK RSS (max of ru_maxrss and the phase VmHWMs) %.2f GB, threads %d; %s target <= %.0f GB: %s\n", peak_gb,
+                threads, preset.c_str(), target_gb, peak_gb <= target_gb ? "met" : "EXCEEDED");
     return 0;
   });
 }

@@ -1,0 +1,234 @@
+// Tests of the packed DPO micro-batch (data/collate collate_packed + launch/dpo_step):
+// every layout (shared prompt or not, padding-free or not), log-prob path (chunked
+// head or full logits) and attention kernel (chunked or dense) gives the TRL path's
+// log-probs, loss, rewards and LoRA gradients (separate padded rows, full logits,
+// dense attention) within fp32 rounding; the packed layout itself, index by index.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include "core/dpo.h"
+#include "core/llama.h"
+#include "core/lora.h"
+#include "data/collate.h"
+#include "launch/dpo_step.h"
+#include "launch/tensor_cache.h"
+#include "launch/threads.h"
+
+namespace {
+
+dpo::PreferenceExample example(std::vector<int32_t> p, std::vector<int32_t> c, std::vector<int32_t> r) {
+  dpo::PreferenceExample e;
+  e.prompt = std::move(p);
+  e.chosen = std::move(c);
+  e.rejected = std::move(r);
+  return e;
+}
+
+TEST(CollatePacked, SharedPromptOneRowIndexByIndex) {
+  // pair 0: prompt [1 10 11], chosen [20 21], rejected [30]; pair 1: prompt [1 12], chosen [22], rejected [31 32]
+  std::vector<dpo::PreferenceExample> ex{example({1, 10, 11}, {20, 21}, {30}), example({1, 12}, {22}, {31, 32})};
+  dpo::PackedPairs p = dpo::collate_packed(ex, 0, /*share_prompt=*/true, /*one_row=*/true);
+  EXPECT_TRUE(torch::equal(p.input_ids, torch::tensor({{1, 10, 11, 20, 21, 30, 1, 12, 22, 31, 32}}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(p.position_ids, torch::tensor({{0, 1, 2, 3, 4, 3, 0, 1, 2, 2, 3}}, torch::kLong)));
+  ASSERT_EQ(p.segments.size(), 6u);
+  const std::vector<std::vector<int64_t>> segs{{0, 0, 3, -1}, {0, 3, 5, 0}, {0, 5, 6, 0},
+                                               {0, 6, 8, -1}, {0, 8, 9, 3}, {0, 9, 11, 3}};
+  for (size_t i = 0; i < segs.size(); ++i) {
+    EXPECT_EQ(p.segments[i].row, segs[i][0]) << i;
+    EXPECT_EQ(p.segments[i].begin, segs[i][1]) << i;
+    EXPECT_EQ(p.segments[i].end, segs[i][2]) << i;
+    EXPECT_EQ(p.segments[i].parent, segs[i][3]) << i;
+  }
+  // chosen 20 <- pos 2 (prompt's last), 21 <- 3; rejected 30 <- 2; pair 1: 22 <- 7, 31 <- 7, 32 <- 9.
+  EXPECT_TRUE(torch::equal(p.target_position, torch::tensor({2, 3, 2, 7, 7, 9}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(p.target_token, torch::tensor({20, 21, 30, 22, 31, 32}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(p.target_sequence, torch::tensor({0, 0, 2, 1, 3, 3}, torch::kLong)));
+  EXPECT_EQ(p.trl_tokens, (2 * 3 + 2 + 1) + (2 * 2 + 1 + 2));
+  EXPECT_EQ(p.computed_tokens, 11);
+  EXPECT_FALSE(p.ref_logps.defined());
+
+  // Separate padded rows: the plain layout, targets at t - 1 of each row.
+  dpo::PackedPairs q = dpo::collate_packed(ex, 7, false, false);
+  EXPECT_TRUE(torch::equal(q.input_ids, torch::tensor({{1, 10, 11, 20, 21}, {1, 10, 11, 30, 7}, {1, 12, 22, 7, 7},
+                                                       {1, 12, 31, 32, 7}}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(q.target_position, torch::tensor({2, 3, 7, 11, 16, 17}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(q.target_sequence, torch::tensor({0, 0, 2, 1, 3, 3}, torch::kLong)));
+  EXPECT_EQ(q.computed_tokens, 20);
+}
+
+dpo::LlamaModel tiny_model(int64_t kv_heads) {
+  dpo::LlamaConfig cfg;
+  cfg.hidden_size = 32;
+  cfg.intermediate_size = 48;
+  cfg.num_hidden_layers = 2;
+  cfg.num_attention_heads = 4;
+  cfg.num_key_value_heads = kv_heads;
+  cfg.vocab_size = 97;
+  cfg.initializer_range = 0.1;
+  return dpo::llama_init_random(cfg, 21, dpo::QuantOptions{});
+}
+
+std::vector<dpo::PreferenceExample> random_pairs(int64_t n, int64_t V) {
+  std::vector<dpo::PreferenceExample> out;
+  for (int64_t i = 0; i < n; ++i) {
+    auto seq = [&](int64_t len) {
+      std::vector<int32_t> v;
+      for (int64_t t = 0; t < len; ++t) v.push_back(static_cast<int32_t>(torch::randint(3, V, {1}).item<int64_t>()));
+      return v;
+    };
+    auto p = seq(4 + torch::randint(0, 9, {1}).item<int64_t>());
+    p[0] = 1;
+    out.push_back(example(p, seq(1 + torch::randint(0, 8, {1}).item<int64_t>()),
+                          seq(1 + torch::randint(0, 8, {1}).item<int64_t>())));
+  }
+  return out;
+}
+
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  return ((a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max() / b.to(torch::kDouble).abs().max().clamp_min(1e-30))
+      .item<double>();
+}
+
+struct Outcome {
+  torch::Tensor logps;  // [chosen; rejected]
+  std::vector<double> metrics;
+  std::vector<torch::Tensor> grads;
+};
+
+TEST(DpoStep, EveryLayoutAndKernelEqualsTheTrlPath) {
+  for (int64_t kv : {4, 2}) {
+    for (bool ckpt : {false, true}) {
+      torch::manual_seed(7 + kv);
+      dpo::LlamaModel m = tiny_model(kv);
+      auto named = m->named_projections();
+      dpo::LoraConfig lc;
+      lc.target_modules = {"q_proj", "v_proj", "down_proj"};
+      lc.dropout = 0;
+      dpo::lora_attach(named, lc, 5);
+      {
+        torch::NoGradGuard ng;
+        for (auto& p : dpo::lora_parameters(named)) p.second.normal_(0, 0.05);
+      }
+      m->set_gradient_checkpointing(ckpt);
+      m->train();
+      const auto params = dpo::lora_parameters(named);
+      const auto ex = random_pairs(3, 97);
+      dpo::DpoOptions opts;
+      opts.rpo_alpha = 0.5;  // exercises the chosen token counts too
+
+      auto finish = [&](dpo::DpoStepLoss l) {
+        for (auto& p : params) p.second.mutable_grad() = torch::Tensor();
+        l.loss.backward();
+        Outcome o;
+        o.logps = torch::cat({l.chosen_logps, l.rejected_logps});
+        o.metrics = l.metrics.to_vector();
+        for (auto& p : params) o.grads.push_back(p.second.grad().clone());
+        return o;
+      };
+      auto reference_of = [&](auto&& fn) {
+        torch::NoGradGuard ng;
+        dpo::lora_set_enabled(named, false);
+        torch::Tensor r = fn();
+        dpo::lora_set_enabled(named, true);
+        return r.to(torch::kFloat64);
+      };
+
+      // The TRL path.
+      m->set_attention_kernel(dpo::AttentionKernel::kDense);
+      dpo::PreferenceBatch b = dpo::collate_pairs(ex, 0);
+      torch::Tensor ref = reference_of([&] {
+        return dpo::sequence_logps(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask).logps;
+      });
+      Outcome want = finish(dpo::dpo_batch_loss(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask, ref, opts));
+
+      for (int bits = 0; bits < 16; ++bits) {
+        dpo::DpoStepOptions so{(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0};
+        m->set_attention_kernel((bits & 8) ? dpo::AttentionKernel::kChunked : dpo::AttentionKernel::kDense);
+        dpo::PackedPairs p = dpo::collate_packed(ex, 0, so.share_prompt, so.padding_free);
+        dpo::ModelBatch mb = dpo::model_batch(p, torch::kCPU);
+        torch::Tensor r = reference_of([&] { return dpo::model_answer_logps(m, mb, so.chunked_logps).logps; });
+        Outcome got = finish(dpo::dpo_batch_loss(dpo::model_answer_logps(m, mb, so.chunked_logps), r, opts));
+        const std::string what = "kv " + std::to_string(kv) + " ckpt " + std::to_string(ckpt) + " variant " + std::to_string(bits);
+        EXPECT_LT(rel_err(r, ref), 1e-5) << what;
+        EXPECT_LT(rel_err(got.logps, want.logps), 1e-5) << what;
+        for (size_t i = 0; i < want.metrics.size(); ++i)
+          EXPECT_NEAR(got.metrics[i], want.metrics[i], 1e-5 * std::max(1.0, std::abs(want.metrics[i]))) << what << " metric " << i;
+        for (size_t i = 0; i < want.grads.size(); ++i) EXPECT_LT(rel_err(got.grads[i], want.grads[i]), 1e-4) << what << " grad " << i;
+      }
+    }
+  }
+}
+
+TEST(DpoStep, FlopsShrinkWithSharingAndPacking) {
+  dpo::LlamaConfig cfg;
+  cfg.hidden_size = 64;
+  cfg.intermediate_size = 128;
+  cfg.num_hidden_layers = 2;
+  cfg.num_attention_heads = 4;
+  cfg.vocab_size = 1000;
+  std::vector<dpo::PreferenceExample> ex{example(std::vector<int32_t>(50, 5), std::vector<int32_t>(10, 6), std::vector<int32_t>(30, 7)),
+                                         example(std::vector<int32_t>(20, 5), std::vector<int32_t>(5, 6), std::vector<int32_t>(5, 7))};
+  dpo::DpoStepOptions trl{false, false, false}, all{};
+  const double f_trl = dpo::dpo_step_flops(cfg, dpo::collate_packed(ex, 0, false, false), trl, true, true, false);
+  const double f_all = dpo::dpo_step_flops(cfg, dpo::collate_packed(ex, 0, true, true), all, false, true, false);
+  const double f_noref = dpo::dpo_step_flops(cfg, dpo::collate_packed(ex, 0, true, true), all, false, false, false);
+  EXPECT_GT(f_trl, 2.0 * f_all);  // 4 rows x 80 padded tokens vs 170 tokens, and 1/20 of the head
+  EXPECT_LT(f_noref, f_all);
+  EXPECT_GT(f_noref, 0.5 * f_all);
+}
+
+}  // namespace
+
+namespace {
+TEST(Threads, NoOversubscriptionWhateverTheBinding) {
+  EXPECT_EQ(dpo::auto_threads(32, 32, 8), 4);  // mpirun --bind-to none: the node divided
+  EXPECT_EQ(dpo::auto_threads(8, 32, 4), 8);   // srun --cpus-per-task 8: this rank's own cores
+  EXPECT_EQ(dpo::auto_threads(16, 32, 8), 4);  // --bind-to socket: 4 ranks share a 16-core socket
+  EXPECT_EQ(dpo::auto_threads(1, 32, 2), 1);   // --bind-to core
+  EXPECT_EQ(dpo::auto_threads(2, 2, 4), 1);    // more ranks than cores: one thread each
+  EXPECT_EQ(dpo::auto_threads(2, 2, 1), 2);    // alone
+}
+}  // namespace
+
+namespace {
+TEST(TensorCache, ReusesFreedBlocksAndNeverRaisesThePeak) {
+  ASSERT_TRUE(dpo::install_tensor_cache());
+  dpo::tensor_cache_set_enabled(true);
+  dpo::tensor_cache_release();
+  const auto s0 = dpo::tensor_cache_stats();
+  { torch::Tensor a = torch::full({1 << 20}, 1.0f); }  // 4 MiB: mapped, then cached
+  const auto s1 = dpo::tensor_cache_stats();
+  EXPECT_EQ(s1.misses - s0.misses, 1);
+  EXPECT_EQ(s1.cached_bytes, 4 << 20);
+  {
+    torch::Tensor b = torch::empty({1 << 20});  // the same size: the cached block
+    EXPECT_EQ(dpo::tensor_cache_stats().hits - s1.hits, 1);
+    b.fill_(2.0f);
+    EXPECT_EQ(b.sum().item<float>(), 2.0f * (1 << 20));
+    torch::Tensor c = torch::empty({3 << 20});  // 12 MiB: nothing fits, nothing to evict
+    EXPECT_EQ(dpo::tensor_cache_stats().misses - s1.misses, 1);
+  }
+  {
+    // 16 MiB: 16 MiB of cached blocks (4 + 12) are unmapped before mapping the new one.
+    torch::Tensor d = torch::empty({4 << 20});
+    const auto s2 = dpo::tensor_cache_stats();
+    EXPECT_EQ(s2.cached_bytes, 0);
+    EXPECT_EQ(s2.evictions - s1.evictions, 2);
+  }
+  const auto s3 = dpo::tensor_cache_stats();
+  EXPECT_LE(s3.peak_mapped_bytes, s3.peak_live_bytes);  // live + cached never above the live peak
+  dpo::tensor_cache_release();
+  EXPECT_EQ(dpo::tensor_cache_stats().cached_bytes, 0);
+  dpo::tensor_cache_set_enabled(false);
+  { torch::Tensor e = torch::empty({1 << 20}); }
+  EXPECT_EQ(dpo::tensor_cache_stats().misses, s3.misses);  // bypassed
+  dpo::tensor_cache_set_enabled(true);
+  { torch::Tensor small = torch::empty({1000}); }  // < 1 MiB: the default allocator
+  EXPECT_EQ(dpo::tensor_cache_stats().misses, s3.misses);
+}
+}  // namespace
