@@ -36,8 +36,8 @@ void add_train_options(Cli& c) {
   c.add_double("label_smoothing", 0.0, "conservative DPO label smoothing in [0, 0.5)");
   c.add_double("rpo_alpha", 0.0, "weight of the chosen-answer NLL added to the DPO loss (0 = off)");
   c.add_bool("precompute_ref_log_probs", false, "compute reference log-probs once and store them in the HDF5 files");
-  c.add_bool("padding_free", false, "DPO: all pairs of a micro-batch in one row, no padding (block-diagonal attention)");
-  c.add_bool("prefix_sharing", false, "DPO: one [prompt; chosen; rejected] sequence per pair, the prompt computed once");
+  c.add_bool("padding_free", true, "DPO: all pairs of a micro-batch in one row, no padding (block-diagonal attention)");
+  c.add_bool("prefix_sharing", true, "DPO: one [prompt; chosen; rejected] sequence per pair, the prompt computed once");
   c.add_double("learning_rate", 5e-4, "peak learning rate");
   c.add_string("lr_scheduler_type", "cosine", joined(schedule_types(), "|"));
   c.add_int("warmup_steps", 0, "linear warmup steps (wins over warmup_ratio when > 0)");

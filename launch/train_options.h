@@ -31,8 +31,8 @@ struct TrainOptions {
   double rpo_alpha = 0.0;
   double discopop_tau = 0.05;
   bool precompute_ref_log_probs = false;
-  bool padding_free = false;   // DPO micro-batch in one row (launch/dpo_step.h)
-  bool prefix_sharing = false; // [prompt; chosen; rejected] per pair
+  bool padding_free = true;    // DPO micro-batch in one row (launch/dpo_step.h)
+  bool prefix_sharing = true;  // [prompt; chosen; rejected] per pair
   // optimisation
   double learning_rate = 5e-4;
   std::string lr_scheduler_type = "cosine";

@@ -37,6 +37,25 @@ namespace dpo {
 
 namespace {
 
+// The four log-prob columns of this rank's pairs that aot / aot_unpaired sort over
+// the global batch: policy chosen / rejected, reference chosen / rejected.
+struct PairColumns {
+  std::vector<double> pc, pr, rc, rr;
+  // pol_c, pol_r (B); ref (2B) = [chosen; rejected]
+  void add(const torch::Tensor& pol_c, const torch::Tensor& pol_r, const torch::Tensor& ref) {
+    const int64_t B = pol_c.size(0);
+    const torch::Tensor c = pol_c.to(torch::kCPU, torch::kFloat64).contiguous();
+    const torch::Tensor j = pol_r.to(torch::kCPU, torch::kFloat64).contiguous();
+    const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
+    for (int64_t i = 0; i < B; ++i) {
+      pc.push_back(c.data_ptr<double>()[i]);
+      pr.push_back(j.data_ptr<double>()[i]);
+      rc.push_back(r.data_ptr<double>()[i]);
+      rr.push_back(r.data_ptr<double>()[B + i]);
+    }
+  }
+};
+
 // dpo_dist's own resume record in a checkpoint (trainer_state.json keeps HF's fields).
 constexpr const char* kResumeRecord = "dpo_dist_state.json";
 
@@ -95,7 +114,7 @@ class Trainer {
                              torch::Tensor* ref_out = nullptr);
   DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   DpoMetrics step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens);
-  DpoGlobalTerms global_terms(const std::vector<double>& local, size_t* offset);
+  DpoGlobalTerms global_terms(const PairColumns& local, size_t* offset);
   SftMetrics micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   void log_train();
   void evaluate();
@@ -455,9 +474,13 @@ DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int
   return l.metrics;
 }
 
-// local = this rank's pairs as [pol_c..., pol_r..., ref_c..., ref_r...] (4n doubles).
-// Every rank gets the terms over all ranks' pairs (rank order) and its own offset.
-DpoGlobalTerms Trainer::global_terms(const std::vector<double>& local, size_t* offset) {
+// Every rank gets the terms over all ranks' pairs (rank order) and its own offset;
+// a rank sends its columns as [pol_c..., pol_r..., ref_c..., ref_r...] (4n doubles).
+DpoGlobalTerms Trainer::global_terms(const PairColumns& mine, size_t* offset) {
+  std::vector<double> local = mine.pc;
+  local.insert(local.end(), mine.pr.begin(), mine.pr.end());
+  local.insert(local.end(), mine.rc.begin(), mine.rc.end());
+  local.insert(local.end(), mine.rr.begin(), mine.rr.end());
   const auto all = comm_.allgather_string(std::string(reinterpret_cast<const char*>(local.data()), local.size() * sizeof(double)));
   std::vector<double> pc, pr, rc, rr;
   for (int r = 0; r < world_; ++r) {
@@ -486,7 +509,7 @@ DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& mic
     int64_t pairs = 0;
   };
   std::vector<Micro> mbs;
-  std::vector<double> pc, pr, rc, rr;
+  PairColumns cols;
   for (const auto& idx : micro_batches) {
     if (idx.empty()) continue;
     std::vector<PreferenceExample> ex;
@@ -505,21 +528,11 @@ DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& mic
       torch::NoGradGuard ng;
       pol = sequence_logps(m_.model->forward(m.ids, m.mask), m.ids, m.lmask).logps.to(torch::kCPU, torch::kFloat64);
     }
-    const torch::Tensor ref = m.ref.to(torch::kCPU).contiguous();
-    for (int64_t i = 0; i < m.pairs; ++i) {
-      pc.push_back(pol[i].item<double>());
-      pr.push_back(pol[m.pairs + i].item<double>());
-      rc.push_back(ref[i].item<double>());
-      rr.push_back(ref[m.pairs + i].item<double>());
-    }
+    cols.add(pol.narrow(0, 0, m.pairs), pol.narrow(0, m.pairs, m.pairs), m.ref);
     mbs.push_back(std::move(m));
   }
-  std::vector<double> local = pc;
-  local.insert(local.end(), pr.begin(), pr.end());
-  local.insert(local.end(), rc.begin(), rc.end());
-  local.insert(local.end(), rr.begin(), rr.end());
   size_t off = 0;
-  const DpoGlobalTerms g = global_terms(local, &off);
+  const DpoGlobalTerms g = global_terms(cols, &off);
   DpoMetrics met;
   if (rank_ == 0) met.loss_sum += g.loss_sum;  // the global sum, counted once over ranks
   for (const auto& m : mbs) {
@@ -671,7 +684,7 @@ void Trainer::evaluate() {
   const int64_t lo = n * rank_ / world_, hi = n * (rank_ + 1) / world_;
   DpoMetrics dm;
   SftMetrics sm;
-  std::vector<double> pc, pr, rc, rr;  // global terms: this rank's eval pairs
+  PairColumns cols;  // global terms: this rank's eval pairs
   for (int64_t s = lo; s < hi; s += o_.per_device_eval_batch_size) {
     std::vector<PreferenceExample> ex;
     for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
@@ -679,17 +692,7 @@ void Trainer::evaluate() {
       torch::Tensor ref;
       DpoStepLoss l = batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr, &ref);
       dm += l.metrics;
-      if (global_terms_) {
-        const int64_t B = static_cast<int64_t>(ex.size());
-        const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
-        const torch::Tensor c = l.chosen_logps.to(torch::kCPU, torch::kFloat64), j = l.rejected_logps.to(torch::kCPU, torch::kFloat64);
-        for (int64_t i = 0; i < B; ++i) {
-          pc.push_back(c[i].item<double>());
-          pr.push_back(j[i].item<double>());
-          rc.push_back(r[i].item<double>());
-          rr.push_back(r[B + i].item<double>());
-        }
-      }
+      if (global_terms_) cols.add(l.chosen_logps, l.rejected_logps, ref);
     } else {
       SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
       auto ids = b.input_ids.to(m_.device);
@@ -699,12 +702,8 @@ void Trainer::evaluate() {
   }
   if (global_terms_) {
     // aot / aot_unpaired over the whole eval set (sorted across ranks)
-    std::vector<double> local = pc;
-    local.insert(local.end(), pr.begin(), pr.end());
-    local.insert(local.end(), rc.begin(), rc.end());
-    local.insert(local.end(), rr.begin(), rr.end());
     size_t off = 0;
-    const DpoGlobalTerms g = global_terms(local, &off);
+    const DpoGlobalTerms g = global_terms(cols, &off);
     if (rank_ == 0) dm.loss_sum += g.loss_sum;
   }
   std::vector<double> v = o_.stage == "dpo" ? dm.to_vector() : sm.to_vector();

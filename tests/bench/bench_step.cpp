@@ -178,6 +178,9 @@ int main(int argc, char** argv) {
     cfg.vocab_size = cli.get_int("vocab_size");
     cfg.max_position_embeddings = 4096;
     cfg.pad_token_id = 0;
+    // Weights large enough that the hidden states move the log-probs (at 0.02 every token's
+    // log-prob is ~ -ln V whatever the path computes, and the logps diff column says nothing).
+    cfg.initializer_range = 0.2;
     const int64_t P = cli.get_int("pairs"), steps = cli.get_int("steps");
     if (P <= 0 || steps <= 0) throw dpo::CliError("--pairs and --steps must be positive");
     const bool ckpt = cli.get_bool("checkpointing");
@@ -191,6 +194,7 @@ int main(int argc, char** argv) {
     auto named = model->named_projections();
     dpo::LoraConfig lcfg;
     lcfg.target_modules = {"q_proj", "v_proj"};
+    lcfg.dropout = 0.0;  // no random masks: every variant computes the same function (logps diff)
     dpo::lora_attach(named, lcfg, 1);
     {  // non-zero B so that policy and reference differ
       torch::NoGradGuard ng;
@@ -316,8 +320,12 @@ int main(int argc, char** argv) {
         trl_logps = first_logps;
       }
       double diff = NAN;
-      if (trl_logps.defined())
-        diff = ((first_logps - trl_logps).abs() / trl_logps.abs().clamp_min(1e-30)).max().item<double>();
+      if (trl_logps.defined()) {
+        const torch::Tensor a = first_logps.to(torch::kFloat64), b = trl_logps.to(torch::kFloat64);
+        diff = ((a - b).abs() / b.abs().clamp_min(1e-30)).max().item<double>();
+        if (std::getenv("BENCH_STEP_PRINT_LOGPS"))
+          std::printf("%s logps[0] %.9g (trl %.9g)\n", v.name.c_str(), a[0].item<double>(), b[0].item<double>());
+      }
       const double gf = total.flops / wall / 1e9;
       std::printf("%-8s %8.2f %7.2f %7.2f %7.2f %9.0f %7.2f %9.1f %5.0f%% %4.0f%% %8.2f %10.1e  %s\n", v.name.c_str(),
                   wall / steps, total.ref_s / steps, total.fwd_s / steps, total.bwd_s / steps, rate,

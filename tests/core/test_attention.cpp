@@ -15,20 +15,14 @@
 #include "core/attention.h"
 #include "core/llama.h"
 #include "core/lora.h"
+#include "tests/test_util.h"
 
 namespace {
 
 using dpo::AttentionLayout;
 using dpo::AttentionSegment;
 
-std::string throw_message(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
+using dpo::testutil::throw_message;
 
 AttentionLayout make_layout(int64_t B, int64_t T, std::vector<AttentionSegment> segs) {
   AttentionLayout L;
