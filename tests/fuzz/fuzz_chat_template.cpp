@@ -3,7 +3,6 @@
 // JSON array of messages (default: a system/user/assistant conversation).
 // Checked: the engine returns text or throws ChatTemplateError whose line is within the
 // template (0 = no line); rendering twice gives the same text (the template is const).
-#include <algorithm>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -24,7 +23,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // The messages come from our own JSONL reader, which only passes arrays.
     if (messages.is_discarded() || !messages.is_array()) return 0;
   }
-  const int lines = 1 + static_cast<int>(std::count(source.begin(), source.end(), '\n'));
+  // Lines as jinja2 counts them: "\r\n", "\r" and "\n" each end one (newlines are
+  // normalized before lexing).
+  int lines = 1;
+  for (size_t k = 0; k < source.size(); ++k) {
+    if (source[k] == '\r' && k + 1 < source.size() && source[k + 1] == '\n') ++k;
+    if (source[k] == '\r' || source[k] == '\n') ++lines;
+  }
   try {
     dpo::ChatTemplate t(source);
     t.set_bos_token(std::string("<s>"));
