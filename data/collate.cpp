@@ -27,20 +27,36 @@ void check_pad(int64_t pad_id) {
   if (pad_id < 0) throw std::invalid_argument("collate: pad_id must be >= 0 (got " + std::to_string(pad_id) + ")");
 }
 
+// The (2B) [chosen; rejected] reference log-probs of the examples, or undefined when none
+// has them; some but not all is an error (`who` names the caller).
+torch::Tensor reference_logps_of(const std::vector<PreferenceExample>& examples, const char* who) {
+  const int64_t B = examples.size();
+  int64_t with_ref = 0;
+  for (const auto& e : examples) with_ref += (!std::isnan(e.ref_chosen) && !std::isnan(e.ref_rejected)) ? 1 : 0;
+  if (with_ref != 0 && with_ref != B)
+    throw std::invalid_argument(std::string(who) + ": " + std::to_string(with_ref) + " of " + std::to_string(B) +
+                                " examples have reference log-probs; all or none must");
+  if (B == 0 || with_ref == 0) return torch::Tensor();
+  torch::Tensor t = torch::empty({2 * B}, torch::TensorOptions().dtype(torch::kFloat64));
+  double* ref = t.data_ptr<double>();
+  for (int64_t i = 0; i < B; ++i) {
+    ref[i] = examples[i].ref_chosen;
+    ref[B + i] = examples[i].ref_rejected;
+  }
+  return t;
+}
+
 }  // namespace
 
 PreferenceBatch collate_pairs(const std::vector<PreferenceExample>& examples, int64_t pad_id) {
   check_pad(pad_id);
   const int64_t B = examples.size();
-  int64_t T = 0, with_ref = 0;
+  int64_t T = 0;
   for (const auto& e : examples) {
     if (e.prompt.empty()) throw std::invalid_argument("collate_pairs: example " + std::to_string(e.index) + " has an empty prompt");
     T = std::max<int64_t>(T, e.prompt.size() + std::max(e.chosen.size(), e.rejected.size()));
-    with_ref += (!std::isnan(e.ref_chosen) && !std::isnan(e.ref_rejected)) ? 1 : 0;
   }
-  if (with_ref != 0 && with_ref != B)
-    throw std::invalid_argument("collate_pairs: " + std::to_string(with_ref) + " of " + std::to_string(B) +
-                                " examples have reference log-probs; all or none must");
+  torch::Tensor ref = reference_logps_of(examples, "collate_pairs");
   PreferenceBatch b;
   b.num_pairs = B;
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
@@ -54,14 +70,7 @@ PreferenceBatch collate_pairs(const std::vector<PreferenceExample>& examples, in
     fill_row(i, T, examples[i].prompt, examples[i].chosen, ids, attn, loss);
     fill_row(B + i, T, examples[i].prompt, examples[i].rejected, ids, attn, loss);
   }
-  if (B > 0 && with_ref == B) {
-    b.ref_logps = torch::empty({2 * B}, torch::TensorOptions().dtype(torch::kFloat64));
-    double* ref = b.ref_logps.data_ptr<double>();
-    for (int64_t i = 0; i < B; ++i) {
-      ref[i] = examples[i].ref_chosen;
-      ref[B + i] = examples[i].ref_rejected;
-    }
-  }
+  b.ref_logps = ref;
   return b;
 }
 
@@ -69,15 +78,11 @@ PackedPairs collate_packed(const std::vector<PreferenceExample>& examples, int64
                            bool one_row) {
   check_pad(pad_id);
   const int64_t B = examples.size();
-  int64_t with_ref = 0;
   for (const auto& e : examples) {
     if (e.prompt.empty())
       throw std::invalid_argument("collate_packed: example " + std::to_string(e.index) + " has an empty prompt");
-    with_ref += (!std::isnan(e.ref_chosen) && !std::isnan(e.ref_rejected)) ? 1 : 0;
   }
-  if (with_ref != 0 && with_ref != B)
-    throw std::invalid_argument("collate_packed: " + std::to_string(with_ref) + " of " + std::to_string(B) +
-                                " examples have reference log-probs; all or none must");
+  torch::Tensor ref = reference_logps_of(examples, "collate_packed");
   // The sequences in order: per pair, share_prompt ? {prompt+chosen+rejected} : {prompt+chosen}, {prompt+rejected}.
   std::vector<int64_t> lengths;  // token count of each sequence, in order
   for (const auto& e : examples) {
@@ -171,14 +176,7 @@ PackedPairs collate_packed(const std::vector<PreferenceExample>& examples, int64
   b.target_position = to_tensor(tpos);
   b.target_token = to_tensor(ttok);
   b.target_sequence = to_tensor(tseq);
-  if (B > 0 && with_ref == B) {
-    b.ref_logps = torch::empty({2 * B}, torch::TensorOptions().dtype(torch::kFloat64));
-    double* ref = b.ref_logps.data_ptr<double>();
-    for (int64_t i = 0; i < B; ++i) {
-      ref[i] = examples[i].ref_chosen;
-      ref[B + i] = examples[i].ref_rejected;
-    }
-  }
+  b.ref_logps = ref;
   return b;
 }
 
