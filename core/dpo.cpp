@@ -124,6 +124,20 @@ void validate_dpo_options(const DpoOptions& o) {
     throw std::runtime_error("--discopop_tau must be a finite number > 0 (the DiscoPOP paper uses 0.05); got " +
                              std::to_string(o.discopop_tau));
   }
+  if (!std::isfinite(o.ld_alpha) || o.ld_alpha < 0 || o.ld_alpha > 1) {
+    throw std::runtime_error("--ld_alpha must be in [0, 1] (1 = off; the LD-DPO paper uses 0.3-0.8); got " +
+                             std::to_string(o.ld_alpha));
+  }
+  if (!std::isfinite(o.bco_delta)) throw std::runtime_error("bco_pair's running reward mean is not finite");
+  if (o.use_weighting || o.ld_alpha != 1.0) {
+    for (const auto& t : terms) {
+      if (dpo_is_global_term(t.type)) {
+        throw std::runtime_error(std::string(o.use_weighting ? "--use_weighting" : "--ld_alpha") +
+                                 " cannot be combined with --loss_type " + t.type +
+                                 " (its batch-wide sort reads plain summed log-probs); drop one of them");
+      }
+    }
+  }
 }
 
 namespace {
@@ -177,8 +191,9 @@ Tensor dpo_loss_term(const std::string& type, const PairLogps& p, const DpoOptio
     return -at::log_sigmoid(cr) - 0.5 * at::log_sigmoid(-cr) - 0.5 * at::log_sigmoid(-rj);
   }
   if (type == "bco_pair") {
-    // TRL 1.x: no running reward mean (TRL 0.x subtracted one; see docs/objective.md)
-    return -at::log_sigmoid(beta * chosen_lr) - at::log_sigmoid(-(beta * rejected_lr));
+    // BCO's reward shift delta: the running mean of the rewards (opts.bco_delta, as TRL <= 0.29)
+    const double d = opts.bco_delta;
+    return -at::log_sigmoid(beta * chosen_lr - d) - at::log_sigmoid(-(beta * rejected_lr - d));
   }
   if (type == "sppo_hard") return (chosen_lr - 0.5 / beta).pow(2) + (rejected_lr + 0.5 / beta).pow(2);
   if (type == "aot" || type == "aot_unpaired") {
@@ -324,8 +339,30 @@ DpoStepLoss dpo_batch_loss(const Tensor& logits, const Tensor& input_ids, const 
     throw std::runtime_error("dpo_batch_loss: ref_logps must be (2B) = (" + std::to_string(R) +
                              ") summed reference log-probs [chosen; rejected]; got " + shape_str(ref_logps));
   }
-  return dpo_batch_loss(sequence_logps(logits, input_ids, loss_mask), ref_logps, opts);
+  if (!opts.use_weighting && opts.ld_alpha == 1.0) return dpo_batch_loss(sequence_logps(logits, input_ids, loss_mask), ref_logps, opts);
+  // WPO / LD-DPO need head_logps's extras: the same log-probs, read at the answer positions.
+  const AnswerTargets t = answer_targets(input_ids, loss_mask, logits.size(2));
+  return dpo_batch_loss(head_logps(logits, Tensor(), t.position, t.token, t.sequence, t.sequences,
+                                   policy_logps_options(opts, t.sequence, t.sequences)),
+                        ref_logps, opts);
 }
+
+HeadLogpsOptions policy_logps_options(const DpoOptions& opts, const Tensor& target_sequence, int64_t sequences) {
+  HeadLogpsOptions h;
+  h.wpo = opts.use_weighting;
+  if (opts.ld_alpha != 1.0) h.token_weight = ld_token_weights(target_sequence, sequences, opts.ld_alpha);
+  return h;
+}
+
+namespace {
+// WPO's per-pair weights min(1, exp(w_c + w_r)) (TRL's policy_weights), detached.
+Tensor wpo_weights(const SeqLogps& s, int64_t B, const torch::TensorOptions& o) {
+  if (!s.wpo_logps.defined() || s.wpo_logps.numel() != 2 * B)
+    throw std::runtime_error("dpo_batch_loss: --use_weighting needs the policy's WPO statistic (head_logps with wpo)");
+  const Tensor w = s.wpo_logps.to(o).detach();
+  return at::exp(w.narrow(0, 0, B) + w.narrow(0, B, B)).clamp_max(1.0);
+}
+}  // namespace
 
 DpoStepLoss dpo_batch_loss(const SeqLogps& s, const Tensor& ref_logps, const DpoOptions& opts) {
   validate_dpo_options(opts);
@@ -353,19 +390,24 @@ DpoStepLoss dpo_batch_loss(const SeqLogps& s, const Tensor& ref_logps, const Dpo
   bool sft_term = false;
   for (const auto& t : terms) sft_term |= t.type == "sft";
   const bool rpo = opts.rpo_alpha > 0;
-  if (rpo || sft_term) nll = token_mean_nll(s.logps.narrow(0, 0, B), s.token_counts.narrow(0, 0, B));
+  // Under LD-DPO the NLL stays the plain per-token cross-entropy (TRL reads it from the logits).
+  const Tensor& nll_logps = s.unweighted_logps.defined() ? s.unweighted_logps : s.logps;
+  if (rpo || sft_term) nll = token_mean_nll(nll_logps.narrow(0, 0, B), s.token_counts.narrow(0, 0, B));
 
   Tensor losses;
   if (ipo) {
     losses = dpo_loss(pol_c, pol_r, ref_c, ref_r, opts).losses;
+    if (opts.use_weighting) losses = losses * wpo_weights(s, B, all.options());
   } else {
     const Tensor counts = s.token_counts.to(all.options());
     PairLogps p{pol_c, pol_r, ref_c, ref_r, counts.narrow(0, 0, B), counts.narrow(0, B, B)};
+    const Tensor pw = opts.use_weighting ? wpo_weights(s, B, all.options()) : Tensor();
     for (const auto& t : terms) {
       if (opts.skip_global_terms && dpo_is_global_term(t.type)) continue;
       // TRL 1.x: loss = sum_k weight_k * mean(per_sequence_loss_k); sft's scalar is
       // expanded to every pair, so the mean over pairs gives it back.
-      const Tensor term = t.type == "sft" ? nll.expand({B}) : dpo_loss_term(t.type, p, opts);
+      Tensor term = t.type == "sft" ? nll.expand({B}) : dpo_loss_term(t.type, p, opts);
+      if (pw.defined() && t.type != "sft") term = term * pw;  // WPO weights the preference terms
       const Tensor weighted = t.weight == 1.0 ? term : term * t.weight;
       losses = losses.defined() ? losses + weighted : weighted;
     }

@@ -34,6 +34,15 @@ struct DpoOptions {
   double rpo_alpha = 0.0;
   /// DiscoPOP's temperature tau (> 0), used by loss_type discopop.
   double discopop_tau = 0.05;
+  /// bco_pair's reward shift delta: the running mean of the rewards (chosen and rejected)
+  /// of the training steps so far, all ranks (BcoRunningMean; 0 for a fresh run).
+  double bco_delta = 0.0;
+  /// WPO (--use_weighting): every pair's loss (not sft / the RPO term) times
+  /// min(1, exp(w_c + w_r)), w = SeqLogps::wpo_logps (the policy's, detached).
+  bool use_weighting = false;
+  /// LD-DPO (--ld_alpha) in [0, 1]: the policy's answer tokens past the shorter answer
+  /// of the pair weigh alpha in its log-probs (ld_token_weights); 1 = off (TRL: None).
+  double ld_alpha = 1.0;
   /// Set by a caller that adds the global-batch terms (aot, aot_unpaired) itself
   /// through dpo_global_terms: dpo_batch_loss then leaves them out of `losses`.
   bool skip_global_terms = false;
@@ -54,8 +63,8 @@ std::vector<DpoLossTerm> dpo_loss_terms(const DpoOptions& opts);
 bool dpo_is_global_term(const std::string& type);
 bool dpo_has_global_terms(const DpoOptions& opts);
 
-/// Throws std::runtime_error naming the option (--beta, --loss_type,
-/// --loss_weights, --label_smoothing, --rpo_alpha, --discopop_tau) and the valid values.
+/// Throws std::runtime_error naming the option (--beta, --loss_type, --loss_weights,
+/// --label_smoothing, --rpo_alpha, --discopop_tau, --ld_alpha, --use_weighting) and the valid values.
 void validate_dpo_options(const DpoOptions& opts);
 
 /// Per-pair inputs of one loss term, all (B) tensors of the policy's dtype/device.
@@ -102,6 +111,20 @@ DpoOutput dpo_loss(const torch::Tensor& pol_c,  // (B) policy logps of the chose
                    const torch::Tensor& ref_c,  // (B) reference logps, chosen
                    const torch::Tensor& ref_r,  // (B) reference logps, rejected
                    const DpoOptions& opts);
+
+/// bco_pair's running reward mean (TRL <= 0.29 RunningMoments.mean, BCO's delta): the mean
+/// of every reward (beta * log-ratio, chosen and rejected) of the training steps so far,
+/// over all ranks. A step's loss uses the mean of the steps before it (so it does not
+/// depend on the micro-batch split or the world size); kept in checkpoints.
+struct BcoRunningMean {
+  double reward_sum = 0, count = 0;
+  double mean() const { return count > 0 ? reward_sum / count : 0.0; }
+  /// Adds a step's rewards (global sums over all ranks): 2 * pairs values.
+  void add(double rewards_chosen_sum, double rewards_rejected_sum, double pairs) {
+    reward_sum += rewards_chosen_sum + rewards_rejected_sum;
+    count += 2 * pairs;
+  }
+};
 
 /// Metrics of one or more micro-batches as SUMS + counts, so that micro-batches and
 /// ranks reduce by addition (to_vector / from_vector: one buffer for an allreduce)
@@ -167,8 +190,14 @@ DpoStepLoss dpo_batch_loss(const torch::Tensor& logits,     // (2B, T, V) policy
                            const torch::Tensor& ref_logps,  // (2B) or undefined
                            const DpoOptions& opts);
 
+/// head_logps's extras the policy's log-probs need under opts (for head_logps entries of
+/// 2B sequences): LD-DPO token weights when ld_alpha != 1, the WPO statistic when
+/// use_weighting. The reference's log-probs never take them (TRL: plain sums).
+HeadLogpsOptions policy_logps_options(const DpoOptions& opts, const torch::Tensor& target_sequence, int64_t sequences);
+
 /// The same from per-sequence log-probs already computed ([chosen; rejected], 2B
-/// entries, e.g. by head_logps): everything after sequence_logps.
+/// entries, e.g. by head_logps): everything after sequence_logps. With
+/// opts.use_weighting, policy.wpo_logps must be defined (head_logps with wpo).
 DpoStepLoss dpo_batch_loss(const SeqLogps& policy, const torch::Tensor& ref_logps, const DpoOptions& opts);
 
 /// The SFT (causal LM) loss parts: as HF's loss on labels with -100 outside the

@@ -119,25 +119,38 @@ inline float chunk_max(const float* f, int64_t n) {
   return out;
 }
 
-// Sum of exp(f - shift) and sum of f over one chunk.
-inline void chunk_sums(const float* f, int64_t n, float shift, float& sum_exp, float& sum_x) {
-  float se[kLanes] = {}, sx[kLanes] = {};
+// Sum of exp(f - shift) and sum of f over one chunk; with kSq also the sum of
+// exp(f - shift)^2 = exp(2 (f - shift)) (WPO's log sum p^2, from the same exps).
+template <bool kSq = false>
+inline void chunk_sums(const float* f, int64_t n, float shift, float& sum_exp, float& sum_x, float* sum_sq = nullptr) {
+  float se[kLanes] = {}, sx[kLanes] = {}, sq[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      se[j] += exp_approx(f[i + j] - shift);
+      const float e = exp_approx(f[i + j] - shift);
+      se[j] += e;
       sx[j] += f[i + j];
+      if constexpr (kSq) sq[j] += e * e;
     }
   }
-  for (; i < n; ++i) se[0] += exp_approx(f[i] - shift), sx[0] += f[i];
+  for (; i < n; ++i) {
+    const float e = exp_approx(f[i] - shift);
+    se[0] += e, sx[0] += f[i];
+    if constexpr (kSq) sq[0] += e * e;
+  }
   sum_exp = 0.0f;
   sum_x = 0.0f;
   for (int j = 0; j < kLanes; ++j) sum_exp += se[j], sum_x += sx[j];
+  if constexpr (kSq) {
+    *sum_sq = 0.0f;
+    for (int j = 0; j < kLanes; ++j) *sum_sq += sq[j];
+  }
 }
 
 // Exact two-pass log-sum-exp in the accumulation type (fp64 logits, non-finite rows).
+// lse2 (when given) = log sum exp(2 x), for WPO's log sum p^2 = lse2 - 2 lse.
 template <typename scalar_t>
-inline void exact_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x) {
+inline void exact_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x, double* lse2 = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   double sx = 0.0;
@@ -148,33 +161,46 @@ inline void exact_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x) 
     mx = xv > mx ? xv : mx;
     sx += xv;
   }
-  double se = 0.0;
-  for (int64_t v = 0; v < V; ++v) se += std::exp(static_cast<acc_t>(x[v]) - mx);
-  lse = nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(mx) + std::log(se);
+  double se = 0.0, se2 = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double e = std::exp(static_cast<acc_t>(x[v]) - mx);
+    se += e;
+    se2 += e * e;
+  }
+  const double q_nan = std::numeric_limits<double>::quiet_NaN();
+  lse = nan ? q_nan : static_cast<double>(mx) + std::log(se);
+  if (lse2) *lse2 = nan ? q_nan : 2.0 * static_cast<double>(mx) + std::log(se2);
   sum_x = sx;
 }
 
 // Returns false (and leaves lse unset) when the row holds a non-finite logit.
+// With lse2: also log sum exp(2 x), from the squares of the same exps.
 template <typename scalar_t>
-inline bool fast_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x) {
+inline bool fast_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x, double* lse2 = nullptr) {
   float buf[kChunk];
-  double run_max = -std::numeric_limits<double>::infinity(), run_sum = 0.0, sx_total = 0.0;
+  double run_max = -std::numeric_limits<double>::infinity(), run_sum = 0.0, run_sq = 0.0, sx_total = 0.0;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const float* f = chunk_as_float(x + c0, n, buf);
     const float m = chunk_max(f, n);
-    float se, sx;
-    chunk_sums(f, n, m, se, sx);
+    float se, sx, sq = 0.0f;
+    if (lse2) chunk_sums<true>(f, n, m, se, sx, &sq);
+    else chunk_sums(f, n, m, se, sx);
     if (!std::isfinite(sx)) return false;  // inf/NaN somewhere in the chunk
     sx_total += sx;
     if (m > run_max) {
-      run_sum = run_sum * std::exp(run_max - m) + se;
+      const double r = std::exp(run_max - m);
+      run_sum = run_sum * r + se;
+      run_sq = run_sq * r * r + sq;
       run_max = m;
     } else {
-      run_sum += se * std::exp(m - run_max);
+      const double r = std::exp(m - run_max);
+      run_sum += se * r;
+      run_sq += sq * r * r;
     }
   }
   lse = run_max + std::log(run_sum);
+  if (lse2) *lse2 = 2.0 * run_max + std::log(run_sq);
   sum_x = sx_total;
   return true;
 }
@@ -415,12 +441,15 @@ Tensor head_chunk(const Tensor& x, const Tensor& w, int64_t m0, int64_t m1) {
 class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
  public:
   // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) or empty (its gradient only when it requires grad);
-  // target, seq (M) int64 CPU; S sequences.
-  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor target, Tensor seq, int64_t S) {
+  // target, seq (M) int64 CPU; S sequences; tw (M) double CPU token weights or empty (all 1);
+  // wpo: also the per-sequence mean of logp - log sum_v p_v^2.
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor target, Tensor seq, int64_t S,
+                               Tensor tw, bool wpo) {
     const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
     const int64_t* tg = target.data_ptr<int64_t>();
     const int64_t* sq = seq.data_ptr<int64_t>();
-    std::vector<double> lse(M), logp(M), sx(M);
+    const double* twp = tw.numel() > 0 ? tw.data_ptr<double>() : nullptr;
+    std::vector<double> lse(M), logp(M), sx(M), lse2(wpo ? M : 0);
     std::vector<uint8_t> exact(M, 0);
     const int64_t step = head_chunk_rows(V);
     for (int64_t m0 = 0; m0 < M; m0 += step) {
@@ -432,8 +461,9 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
           for (int64_t i = b; i < e; ++i) {
             const float* row = base + i * V;
             double l = 0.0, s = 0.0;
-            const bool fast = fast_lse(row, V, l, s);
-            if (!fast) exact_lse(row, V, l, s);
+            double* l2 = wpo ? &lse2[m0 + i] : nullptr;
+            const bool fast = fast_lse(row, V, l, s, l2);
+            if (!fast) exact_lse(row, V, l, s, l2);
             exact[m0 + i] = fast ? 0 : 1;
             lse[m0 + i] = l;
             logp[m0 + i] = static_cast<double>(row[tg[m0 + i]]) - l;
@@ -443,33 +473,52 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
       } else {
         Tensor l = lg.logsumexp({1});
         Tensor t = lg.gather(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1)).squeeze(1);
-        Tensor cols = at::stack({l.to(torch::kDouble), (t - l).to(torch::kDouble), lg.to(torch::kDouble).sum(1)}).cpu();
-        for (int64_t i = 0; i < m1 - m0; ++i) {
-          lse[m0 + i] = cols[0][i].item<double>();
-          logp[m0 + i] = cols[1][i].item<double>();
-          sx[m0 + i] = cols[2][i].item<double>();
+        Tensor l2 = wpo ? (2 * lg).logsumexp({1}) : l;
+        Tensor cols = at::stack({l.to(torch::kDouble), (t - l).to(torch::kDouble), lg.to(torch::kDouble).sum(1),
+                                 l2.to(torch::kDouble)})
+                          .cpu()
+                          .contiguous();
+        const double* c = cols.data_ptr<double>();
+        const int64_t n = m1 - m0;
+        for (int64_t i = 0; i < n; ++i) {
+          lse[m0 + i] = c[i];
+          logp[m0 + i] = c[n + i];
+          sx[m0 + i] = c[2 * n + i];
+          if (wpo) lse2[m0 + i] = c[3 * n + i];
           exact[m0 + i] = 1;
         }
       }
     }
-    std::vector<double> sum(S, 0.0), mean(S, 0.0);
+    std::vector<double> sum(S, 0.0), mean(S, 0.0), wpo_sum(S, 0.0), plain(twp ? S : 0, 0.0);
     std::vector<int64_t> counts(S, 0);
     for (int64_t i = 0; i < M; ++i) {
-      sum[sq[i]] += logp[i];
+      sum[sq[i]] += twp ? twp[i] * logp[i] : logp[i];
+      if (twp) plain[sq[i]] += logp[i];
       mean[sq[i]] += sx[i] / static_cast<double>(V);
+      // log p - log sum_v p_v^2, with log sum p^2 = log sum exp(2x) - 2 lse
+      if (wpo) wpo_sum[sq[i]] += logp[i] - (lse2[i] - 2.0 * lse[i]);
       ++counts[sq[i]];
     }
-    for (int64_t s = 0; s < S; ++s) mean[s] = counts[s] > 0 ? mean[s] / static_cast<double>(counts[s]) : 0.0;
+    for (int64_t s = 0; s < S; ++s) {
+      const double n = static_cast<double>(counts[s]);
+      mean[s] = counts[s] > 0 ? mean[s] / n : 0.0;
+      wpo_sum[s] = counts[s] > 0 ? wpo_sum[s] / n : 0.0;
+    }
     const auto out_opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
     Tensor logps = to_double_tensor(sum).to(out_opts), mean_logits = to_double_tensor(mean).to(out_opts);
     Tensor token_counts = to_long_tensor(counts).to(x.device());
+    Tensor wpo_logps = wpo ? to_double_tensor(wpo_sum).to(out_opts) : torch::zeros({0}, out_opts);
+    // With token weights, the unweighted sums too (differentiable: the NLL terms read them).
+    Tensor plain_logps = twp ? to_double_tensor(plain).to(out_opts) : torch::zeros({0}, out_opts);
     ctx->save_for_backward({x, w});
     ctx->saved_data["lse"] = to_double_tensor(lse);
     ctx->saved_data["exact"] = to_long_tensor(std::vector<int64_t>(exact.begin(), exact.end()));
     ctx->saved_data["target"] = target;
     ctx->saved_data["seq"] = seq;
-    ctx->mark_non_differentiable({mean_logits, token_counts});
-    return {logps, mean_logits, token_counts};
+    ctx->saved_data["tw"] = tw;
+    if (twp) ctx->mark_non_differentiable({mean_logits, token_counts, wpo_logps});
+    else ctx->mark_non_differentiable({mean_logits, token_counts, wpo_logps, plain_logps});
+    return {logps, mean_logits, token_counts, wpo_logps, plain_logps};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -480,15 +529,24 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     // The head's own gradient only where it is trained (modules_to_save lm_head).
     const bool want_w = w.numel() > 0 && ctx->needs_input_grad(1);
     Tensor grad_w = want_w ? at::zeros_like(w) : Tensor();
-    if (!grads[0].defined() || M == 0) return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
-    Tensor gs = grads[0].to(torch::kCPU, torch::kDouble).contiguous();
+    const bool g_plain = grads.size() > 4 && grads[4].defined() && grads[4].numel() > 0;
+    if ((!grads[0].defined() && !g_plain) || M == 0) return {grad_x, grad_w, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const int64_t S = grads[0].defined() ? grads[0].numel() : grads[4].numel();
+    Tensor gs = grads[0].defined() ? grads[0].to(torch::kCPU, torch::kDouble).contiguous() : torch::zeros({S}, torch::kDouble);
+    Tensor gp = g_plain ? grads[4].to(torch::kCPU, torch::kDouble).contiguous() : Tensor();
     const double* gr = gs.data_ptr<double>();
+    const double* gpl = g_plain ? gp.data_ptr<double>() : nullptr;
     Tensor lse_t = ctx->saved_data["lse"].toTensor(), ex_t = ctx->saved_data["exact"].toTensor();
     Tensor target = ctx->saved_data["target"].toTensor(), seq = ctx->saved_data["seq"].toTensor();
     const double* lse = lse_t.data_ptr<double>();
     const int64_t* ex = ex_t.data_ptr<int64_t>();
     const int64_t* tg = target.data_ptr<int64_t>();
     const int64_t* sq = seq.data_ptr<int64_t>();
+    Tensor tw = ctx->saved_data["tw"].toTensor();
+    const double* twp = tw.numel() > 0 ? tw.data_ptr<double>() : nullptr;
+    // Each entry's incoming gradient: its sequence's, times its token weight (LD-DPO).
+    std::vector<double> ge(M);
+    for (int64_t i = 0; i < M; ++i) ge[i] = (twp ? gr[sq[i]] * twp[i] : gr[sq[i]]) + (gpl ? gpl[sq[i]] : 0.0);
     const int64_t step = head_chunk_rows(V);
     for (int64_t m0 = 0; m0 < M; m0 += step) {
       const int64_t m1 = std::min(M, m0 + step);
@@ -499,7 +557,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
         at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
             float* row = base + i * V;
-            const float g = static_cast<float>(gr[sq[m0 + i]]);
+            const float g = static_cast<float>(ge[m0 + i]);
             const float l = static_cast<float>(lse[m0 + i]);
             const float p_t = std::exp(row[tg[m0 + i]] - l);
             if (ex[m0 + i]) {
@@ -515,7 +573,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
         });
       } else {
         Tensor l = to_double_tensor(std::vector<double>(lse + m0, lse + m1)).to(lg.device(), torch::kFloat);
-        Tensor g = gs.index_select(0, seq.narrow(0, m0, m1 - m0)).to(lg.device(), torch::kFloat);
+        Tensor g = to_double_tensor(std::vector<double>(ge.begin() + m0, ge.begin() + m1)).to(lg.device(), torch::kFloat);
         Tensor d = (lg - l.unsqueeze(1)).exp_().neg_();
         d.scatter_add_(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1), torch::ones({m1 - m0, 1}, d.options()));
         lg = d.mul_(g.unsqueeze(1));
@@ -525,7 +583,7 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
       // dL/dW (V, C) += dlogits^T (V, m) @ x (m, C)
       if (want_w) grad_w.addmm_(lg.t().to(w.scalar_type()), x.narrow(0, m0, m1 - m0).to(w.scalar_type()));
     }
-    return {grad_x, grad_w, Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -572,7 +630,7 @@ SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Ten
 }
 
 SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& position, const Tensor& token,
-                    const Tensor& sequence, int64_t sequences) {
+                    const Tensor& sequence, int64_t sequences, const HeadLogpsOptions& extra) {
   if (!hidden.defined() || hidden.dim() < 2 || !hidden.is_floating_point())
     throw std::runtime_error("head_logps: hidden must be a float tensor (..., C)");
   const int64_t C = hidden.size(-1);
@@ -596,12 +654,56 @@ SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& po
       throw std::runtime_error("head_logps: token " + std::to_string(t) + " is outside the vocabulary [0, " +
                                std::to_string(V) + "); the data was tokenized for another model (check vocab_size)");
   }
+  Tensor tw = torch::empty({0}, torch::kDouble);
+  if (extra.token_weight.defined()) {
+    if (extra.token_weight.dim() != 1 || extra.token_weight.numel() != M)
+      throw std::runtime_error("head_logps: token_weight must have one entry per scored token (" + std::to_string(M) +
+                               "); got " + shape_str(extra.token_weight));
+    tw = extra.token_weight.to(torch::kCPU, torch::kDouble).contiguous();
+  }
   Tensor rows = hidden.reshape({N, C}).index_select(0, pos.to(hidden.device()));  // (M, C)
   // No weight: an empty placeholder (autograd records every tensor input; undefined ones are refused).
   // A weight that requires grad (a trained lm_head copy) gets its gradient in backward.
   auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight : torch::empty({0}, hidden.options()), tok, seq,
-                                sequences);
-  return SeqLogps{out[0], out[1], out[2]};
+                                sequences, tw, extra.wpo);
+  SeqLogps r{out[0], out[1], out[2]};
+  if (extra.wpo) r.wpo_logps = out[3];
+  if (extra.token_weight.defined()) r.unweighted_logps = out[4];
+  return r;
+}
+
+AnswerTargets answer_targets(const Tensor& input_ids, const Tensor& loss_mask, int64_t vocab) {
+  if (!input_ids.defined() || input_ids.dim() != 2 || !loss_mask.defined() || loss_mask.sizes() != input_ids.sizes())
+    throw std::runtime_error("answer_targets: input_ids and loss_mask must both be (R, T)");
+  const ActivePositions a = active_positions(input_ids, loss_mask, vocab);
+  const int64_t T = input_ids.size(1);
+  std::vector<int64_t> flat(a.row.size());
+  for (size_t i = 0; i < flat.size(); ++i) flat[i] = a.row[i] * T + a.pos[i];
+  return AnswerTargets{to_long_tensor(flat), to_long_tensor(a.target), to_long_tensor(a.row), input_ids.size(0)};
+}
+
+Tensor ld_token_weights(const Tensor& target_sequence, int64_t sequences, double alpha) {
+  if (sequences % 2 != 0)
+    throw std::runtime_error("ld_token_weights: expected 2B sequences ([chosen; rejected]); got " +
+                             std::to_string(sequences));
+  Tensor seq = target_sequence.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t M = seq.numel(), B = sequences / 2;
+  const int64_t* sq = seq.data_ptr<int64_t>();
+  std::vector<int64_t> len(sequences, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    if (sq[i] < 0 || sq[i] >= sequences)
+      throw std::runtime_error("ld_token_weights: entry " + std::to_string(i) + " names sequence " +
+                               std::to_string(sq[i]) + " of " + std::to_string(sequences));
+    ++len[sq[i]];
+  }
+  std::vector<int64_t> seen(sequences, 0);
+  std::vector<double> w(M);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t s = sq[i], pair = s % B;
+    const int64_t pub = std::min(len[pair], len[B + pair]);  // l_p: the shorter answer of the pair
+    w[i] = seen[s]++ < pub ? 1.0 : alpha;
+  }
+  return to_double_tensor(w);
 }
 
 Tensor average_by_length(const Tensor& logps, const Tensor& token_counts) {

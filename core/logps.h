@@ -30,6 +30,13 @@ struct SeqLogps {
   torch::Tensor mean_logits;  // (R) same dtype as logps
   /// Number of answer tokens that were scored (loss_mask[:, 1:] != 0).
   torch::Tensor token_counts;  // (R) int64
+  /// WPO (head_logps with HeadLogpsOptions::wpo only, else undefined): per sequence, the
+  /// mean over its tokens of log p(token) - log sum_v p_v^2 (WPO, arXiv 2406.11827 eq. 2,
+  /// as TRL's use_weighting), from the unweighted log-probs. Detached.
+  torch::Tensor wpo_logps;  // (R) same dtype as logps
+  /// With HeadLogpsOptions::token_weight only (else undefined): the unweighted sums, for
+  /// terms that are plain NLLs (sft, RPO). Differentiable.
+  torch::Tensor unweighted_logps;  // (R) same dtype as logps
 };
 
 /// Log-probs of the answer tokens of every row.
@@ -69,12 +76,38 @@ torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed 
 /// logits already ((..., V): the full-logits path) and is only read at `position`.
 /// Same statistics as sequence_logps, per sequence: logps (S) fp32, differentiable;
 /// mean_logits (S); token_counts (S).
+/// Optional parts of head_logps, off by default (no cost when off).
+struct HeadLogpsOptions {
+  /// (M) weight of each entry in its sequence's sum (LD-DPO: ld_token_weights); the
+  /// gradient of entry i is scaled by it too. Undefined = 1 each.
+  torch::Tensor token_weight;
+  /// Also compute SeqLogps::wpo_logps (one more running sum per position, same exps).
+  bool wpo = false;
+};
 SeqLogps head_logps(const torch::Tensor& hidden,    // (..., C) compute dtype, or (..., V) logits
                     const torch::Tensor& weight,    // (V, C) lm_head, or undefined
                     const torch::Tensor& position,  // (M) int64
                     const torch::Tensor& token,     // (M) int64 in [0, V)
                     const torch::Tensor& sequence,  // (M) int64 in [0, S)
-                    int64_t sequences);             // S
+                    int64_t sequences,              // S
+                    const HeadLogpsOptions& extra = {});
+
+/// The head_logps entries of padded rows: row r's answer token t (loss_mask[r][t] != 0,
+/// t >= 1) is read at flat position r * T + t - 1 and summed into sequence r. Same
+/// checks as sequence_logps (token ids in [0, vocab)).
+struct AnswerTargets {
+  torch::Tensor position, token, sequence;  // (M) int64, CPU
+  int64_t sequences = 0;                    // R
+};
+AnswerTargets answer_targets(const torch::Tensor& input_ids,  // (R, T)
+                             const torch::Tensor& loss_mask,  // (R, T)
+                             int64_t vocab);
+
+/// LD-DPO's token weights (Liu et al. 2024, arXiv 2409.06411; TRL's ld_alpha) for head_logps
+/// entries of 2B sequences [chosen; rejected]: within each answer, in entry order, the
+/// first l_p tokens weigh 1 and the rest alpha, l_p = min(chosen length, rejected length)
+/// of its pair. (M) double.
+torch::Tensor ld_token_weights(const torch::Tensor& target_sequence, int64_t sequences, double alpha);
 
 namespace detail {
 /// head_logps's positions per chunk; 0 = automatic (~32 MiB of fp32 logits). For tests.

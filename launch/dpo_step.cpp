@@ -26,12 +26,13 @@ ModelBatch model_batch(const PackedPairs& p, const torch::Device& device) {
   return b;
 }
 
-SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked) {
+SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked, const HeadLogpsOptions& extra) {
   torch::Tensor h = model->hidden_states(b.input_ids, b.layout);  // (rows, T, C)
   if (chunked)
-    return head_logps(h, model->lm_head_weight(), b.target_position, b.target_token, b.target_sequence, b.sequences);
+    return head_logps(h, model->lm_head_weight(), b.target_position, b.target_token, b.target_sequence, b.sequences,
+                      extra);
   torch::Tensor logits = torch::matmul(h, model->lm_head_weight().t()).to(torch::kFloat32);  // (rows, T, V)
-  return head_logps(logits, torch::Tensor(), b.target_position, b.target_token, b.target_sequence, b.sequences);
+  return head_logps(logits, torch::Tensor(), b.target_position, b.target_token, b.target_sequence, b.sequences, extra);
 }
 
 double dpo_step_flops(const LlamaConfig& cfg, const PackedPairs& p, const DpoStepOptions& o, bool dense_attention,

@@ -36,7 +36,7 @@ ModelBatch model_batch(const PackedPairs& p, const torch::Device& device);
 /// Log-probs of the 2B answers ([chosen; rejected]), differentiable w.r.t. the adapters
 /// when grad mode is on. chunked: core/logps head_logps on the hidden states; else the
 /// full (rows, T, V) logits are built first (as TRL does) and read at the targets.
-SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked);
+SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked, const HeadLogpsOptions& extra = {});
 
 /// Executed FLOPs of one micro-batch (matmuls only: projections, lm_head, attention
 /// scores and values) for: reference forward (when `reference`), policy forward,

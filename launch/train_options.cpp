@@ -33,6 +33,8 @@ void add_train_options(Cli& c) {
                joined(dpo_loss_types(), "|") + ", or a comma-separated mixture of them (TRL's names and formulas)");
   c.add_list("loss_weights", "", "weights of the --loss_type mixture, one per type (default 1 each)");
   c.add_double("discopop_tau", 0.05, "DiscoPOP temperature tau (loss_type discopop)");
+  c.add_bool("use_weighting", false, "WPO: weight each pair's loss by its answers' probability under the policy");
+  c.add_double("ld_alpha", 1.0, "LD-DPO: weight of answer tokens past the shorter answer of a pair, in [0, 1] (1 = off)");
   c.add_double("label_smoothing", 0.0, "conservative DPO label smoothing in [0, 0.5)");
   c.add_double("rpo_alpha", 0.0, "weight of the chosen-answer NLL added to the DPO loss (0 = off)");
   c.add_bool("precompute_ref_log_probs", false, "compute reference log-probs once and store them in the HDF5 files");
@@ -104,6 +106,8 @@ DpoOptions TrainOptions::dpo_options() const {
   d.label_smoothing = label_smoothing;
   d.rpo_alpha = rpo_alpha;
   d.discopop_tau = discopop_tau;
+  d.use_weighting = use_weighting;
+  d.ld_alpha = ld_alpha;
   return d;
 }
 
@@ -139,6 +143,8 @@ TrainOptions train_options_from(const Cli& c) {
     o.loss_weights.push_back(v);
   }
   o.discopop_tau = c.get_double("discopop_tau");
+  o.use_weighting = c.get_bool("use_weighting");
+  o.ld_alpha = c.get_double("ld_alpha");
   o.precompute_ref_log_probs = c.get_bool("precompute_ref_log_probs");
   o.padding_free = c.get_bool("padding_free");
   o.prefix_sharing = c.get_bool("prefix_sharing");

@@ -30,6 +30,8 @@ struct TrainOptions {
   double label_smoothing = 0.0;
   double rpo_alpha = 0.0;
   double discopop_tau = 0.05;
+  bool use_weighting = false;            // WPO
+  double ld_alpha = 1.0;                 // LD-DPO; 1 = off
   bool precompute_ref_log_probs = false;
   bool padding_free = true;    // DPO micro-batch in one row (launch/dpo_step.h)
   bool prefix_sharing = true;  // [prompt; chosen; rejected] per pair

@@ -137,6 +137,7 @@ class Trainer {
   std::unique_ptr<MetricsLog> log_;
   std::unique_ptr<ProgressLine> progress_;
   DpoOptions dpo_opts_;
+  BcoRunningMean bco_;  // bco_pair's reward mean over the steps so far (all ranks)
   DpoStepOptions step_opts_;
   double peak_gflops_ = 0;  // fp32 matmul peak of a rank, averaged over ranks (train_mfu)
   bool global_terms_ = false;
@@ -353,6 +354,7 @@ json Trainer::resume_record() const {
   d["data_position"] = {{"epoch", global_step_ / steps_per_epoch_}, {"step_in_epoch", global_step_ % steps_per_epoch_}};
   d["scheduler"] = {{"type", sched_.type}, {"base_lr", sched_.base_lr}, {"warmup_steps", sched_.warmup_steps},
                     {"total_steps", sched_.total_steps}, {"last_lr", last_lr_}};
+  d["bco_running_mean"] = {{"reward_sum", bco_.reward_sum}, {"count", bco_.count}};
   d["log_window"] = {{"dpo", win_dpo_.to_vector()},     {"sft", win_sft_.to_vector()},
                      {"tokens", win_tokens_},          {"seconds", win_seconds_},
                      {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}, {"flops", win_flops_}};
@@ -390,6 +392,10 @@ void Trainer::resume(const std::string& dir) {
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
   win_flops_ = w.value("flops", 0.0);
+  if (d.contains("bco_running_mean")) {  // absent in older checkpoints: bco_pair had no reward mean then
+    bco_.reward_sum = d["bco_running_mean"]["reward_sum"].get<double>();
+    bco_.count = d["bco_running_mean"]["count"].get<double>();
+  }
   // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
   // stopped; with another world size the ranks' streams cannot map one to one, and without
   // the file (deleted to change --device: launch/rng_state.h) there is nothing to continue:
@@ -458,7 +464,9 @@ DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, in
   if (flops) *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(), ckpt);
   torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(b);
   if (ref_out) *ref_out = ref;
-  return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps), ref.to(m_.device), dpo_opts_);
+  return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps,
+                                           policy_logps_options(dpo_opts_, b.target_sequence, b.sequences)),
+                        ref.to(m_.device), dpo_opts_);
 }
 
 DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
@@ -575,6 +583,7 @@ void Trainer::train_step() {
   DpoMetrics dm;
   SftMetrics sm;
   if (o_.stage == "dpo") {
+    dpo_opts_.bco_delta = bco_.mean();  // bco_pair: the reward mean of the steps before this one
     const double scale = static_cast<double>(world_) / static_cast<double>(plan.global_examples);
     if (global_terms_) {
       dm = step_dpo_global(plan.micro_batches, scale, &tokens);
@@ -616,6 +625,7 @@ void Trainer::train_step() {
                              "); stopped before the optimizer step, no adapter with NaN/Inf was saved. "
                              "Try a lower --learning_rate or --max_grad_norm, or check the data");
   }
+  bco_.add(gdm.rewards_chosen_sum, gdm.rewards_rejected_sum, gdm.pairs);
   last_lr_ = lr_at(sched_, global_step_);
   opt_->step(last_lr_);
   opt_->zero_grad();

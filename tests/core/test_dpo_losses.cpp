@@ -50,6 +50,7 @@ Pairs sample_pairs() {
 
 struct Opts {
   double beta = 0.1, ls = 0.0, tau = 0.05;
+  double delta = 0.0;  // bco_pair's running reward mean
 };
 
 // TRL 1.x's per_sequence_loss for one loss type, written out in double.
@@ -87,7 +88,7 @@ std::vector<double> formula(const std::string& type, const Pairs& p, const Opts&
     else if (type == "exo_pair")
       v = sigmoid(z) * (log_sigmoid(z) - std::log(1 - e)) + sigmoid(-z) * (log_sigmoid(-z) - std::log(e));
     else if (type == "nca_pair") v = -log_sigmoid(b * cl[i]) - 0.5 * log_sigmoid(-b * cl[i]) - 0.5 * log_sigmoid(-b * rl[i]);
-    else if (type == "bco_pair") v = -log_sigmoid(b * cl[i]) - log_sigmoid(-b * rl[i]);
+    else if (type == "bco_pair") v = -log_sigmoid(b * cl[i] - o.delta) - log_sigmoid(-(b * rl[i] - o.delta));
     else if (type == "sppo_hard") v = std::pow(cl[i] - 0.5 / b, 2) + std::pow(rl[i] + 0.5 / b, 2);
     else if (type == "apo_zero") v = (1 - sigmoid(b * cl[i])) + sigmoid(b * rl[i]);
     else if (type == "apo_down") v = sigmoid(b * cl[i]) + (1 - sigmoid(z));
@@ -110,6 +111,7 @@ dpo::DpoOptions options(const std::string& type, const Opts& o) {
   d.beta = o.beta;
   d.label_smoothing = o.ls;
   d.discopop_tau = o.tau;
+  d.bco_delta = o.delta;
   return d;
 }
 
@@ -122,6 +124,7 @@ Opts opts_for(const std::string& type, double beta) {
   o.beta = beta;
   if (type == "exo_pair") o.ls = 1e-3;  // EXO needs epsilon > 0
   if (type == "robust" || type == "aot" || type == "aot_unpaired") o.ls = 0.1;
+  if (type == "bco_pair") o.delta = 0.07;  // a running reward mean != 0
   return o;
 }
 
@@ -151,6 +154,9 @@ TEST(DpoLossFamily, EveryTermMatchesTrlFormula) {
     return dpo::dpo_loss_term(type, pair_tensors(p, false), options(type, o))[0].item<double>();
   };
   EXPECT_NEAR(at0("bco_pair", {}), std::log1p(std::exp(-0.1)) + std::log1p(std::exp(-0.05)), 1e-15);
+  Opts d;
+  d.delta = 0.3;  // rewards 0.1 and -0.05 shifted by delta: -log s(-0.2) - log s(0.35)
+  EXPECT_NEAR(at0("bco_pair", d), std::log1p(std::exp(0.2)) + std::log1p(std::exp(-0.35)), 1e-15);
   EXPECT_NEAR(at0("sppo_hard", {}), std::pow(1 - 5, 2) + std::pow(-0.5 + 5, 2), 1e-12);
   EXPECT_NEAR(at0("apo_zero", {}), 1 - sigmoid(0.1) + sigmoid(-0.05), 1e-15);
   EXPECT_NEAR(at0("apo_down", {}), sigmoid(0.1) + 1 - sigmoid(0.15), 1e-15);
@@ -330,7 +336,9 @@ TEST(DpoLossFamily, StepOneOfEveryTypeAtPolicyEqualsReference) {
   }
   // e.g. bco_pair at zero rewards: 2 ln 2; apo_zero: 1; sppo_hard: 2 (0.5/beta)^2
   auto loss_of = [&](const std::string& t) {
-    return dpo::dpo_batch_loss(b.logits, b.ids, b.mask, T(logp), options(t, opts_for(t, 0.1))).loss.item<double>();
+    Opts o = opts_for(t, 0.1);
+    o.delta = 0;  // a fresh run's bco_pair: no reward mean yet
+    return dpo::dpo_batch_loss(b.logits, b.ids, b.mask, T(logp), options(t, o)).loss.item<double>();
   };
   EXPECT_NEAR(loss_of("bco_pair"), 2 * std::log(2.0), 1e-12);
   EXPECT_NEAR(loss_of("apo_zero"), 1.0, 1e-12);
@@ -491,6 +499,91 @@ std::string message(const dpo::DpoOptions& o) {
   return "";
 }
 
+// BCO's delta: the mean of every reward (chosen and rejected) of the steps so far.
+TEST(DpoLossFamily, BcoRunningMeanIsTheMeanOfAllRewardsSoFar) {
+  dpo::BcoRunningMean m;
+  EXPECT_EQ(m.mean(), 0.0);  // a fresh run: no shift at step 1
+  m.add(0.4, -0.2, 2);       // step 1: rewards of 2 pairs summed
+  EXPECT_DOUBLE_EQ(m.mean(), 0.2 / 4);
+  m.add(1.0, 0.6, 3);  // step 2: 3 pairs
+  EXPECT_DOUBLE_EQ(m.mean(), (0.2 + 1.6) / 10);
+  EXPECT_EQ(m.count, 10.0);
+}
+
+// WPO and LD-DPO from logits (dpo_batch_loss reads them through head_logps), against
+// TRL's formulas written out with log_softmax in double: LD-DPO weighs the policy's
+// answer tokens past the shorter answer by alpha (the reference is summed as given);
+// WPO multiplies each pair's DPO loss by min(1, exp(w_c + w_r)), w = mean over the
+// answer of log p - log sum p^2, detached; the sft term is not weighted. Gradients too.
+TEST(DpoLossFamily, WpoAndLdDpoMatchTheirFormulas) {
+  torch::manual_seed(11);
+  const int64_t B = 3, R = 2 * B, T = 10, V = 40;
+  Tensor logits0 = torch::randn({R, T, V}, torch::kDouble) * 2;
+  Tensor ids = torch::randint(0, V, {R, T}, torch::kLong);
+  Tensor mask = torch::zeros({R, T});
+  const std::vector<int64_t> len{4, 2, 5, 3, 5, 2};  // answer lengths: chosen 0..2, rejected 0..2
+  for (int64_t r = 0; r < R; ++r) mask[r].slice(0, T - len[r], T).fill_(1);
+  Tensor ref = torch::tensor(std::vector<double>{-9.0, -4.5, -12.0, -7.0, -11.0, -5.5}, torch::kDouble);
+  for (const std::string types : {"sigmoid", "sigmoid,sft", "bco_pair"}) {
+    for (int variant = 0; variant < 3; ++variant) {  // 0 WPO, 1 LD-DPO, 2 both
+      dpo::DpoOptions o;
+      o.loss_type = types;
+      o.beta = 0.5;
+      o.use_weighting = variant != 1;
+      o.ld_alpha = variant != 0 ? 0.3 : 1.0;
+      Tensor logits = logits0.clone().requires_grad_(true);
+      dpo::DpoStepLoss got = dpo::dpo_batch_loss(logits, ids, mask, ref, o);
+      Tensor g = torch::autograd::grad({got.loss}, {logits})[0];
+
+      Tensor lg = logits0.clone().requires_grad_(true);
+      Tensor lsm = torch::log_softmax(lg, -1);
+      std::vector<Tensor> pol(R), wpo(R), plain(R);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t pair = r % B, lp = std::min(len[pair], len[B + pair]);
+        pol[r] = torch::zeros({}, torch::kDouble);
+        plain[r] = torch::zeros({}, torch::kDouble);
+        wpo[r] = torch::zeros({}, torch::kDouble);
+        for (int64_t k = 0; k < len[r]; ++k) {
+          const int64_t t = T - len[r] + k;
+          Tensor l = lsm[r][t - 1][ids[r][t].item<int64_t>()];
+          pol[r] = pol[r] + (o.ld_alpha != 1.0 && k >= lp ? o.ld_alpha : 1.0) * l;
+          plain[r] = plain[r] + l;
+          wpo[r] = wpo[r] + (l - (2 * lsm[r][t - 1]).logsumexp(0)).detach() / static_cast<double>(len[r]);
+        }
+      }
+      Tensor loss = torch::zeros({}, torch::kDouble);
+      Tensor nll = -(plain[0] + plain[1] + plain[2]) / static_cast<double>(len[0] + len[1] + len[2]);
+      for (int64_t i = 0; i < B; ++i) {
+        const Tensor c = pol[i] - ref[i], rj = pol[B + i] - ref[B + i];
+        Tensor term = types == "bco_pair" ? -torch::log_sigmoid(o.beta * c) - torch::log_sigmoid(-o.beta * rj)
+                                          : -torch::log_sigmoid(o.beta * (c - rj));
+        if (o.use_weighting) term = term * torch::exp(wpo[i] + wpo[B + i]).clamp_max(1.0);
+        if (types == "sigmoid,sft") term = term + nll;
+        loss = loss + term / static_cast<double>(B);
+      }
+      Tensor g_ref = torch::autograd::grad({loss}, {lg})[0];
+      const std::string what = types + " variant " + std::to_string(variant);
+      // head_logps works in fp32 (its log-probs are fp32 whatever the logits): 1e-5 relative.
+      EXPECT_NEAR(got.loss.item<double>(), loss.item<double>(), 1e-5 * std::abs(loss.item<double>())) << what;
+      EXPECT_LT((g - g_ref).abs().max().item<double>(), 1e-5 * g_ref.abs().max().item<double>()) << what;
+      for (int64_t i = 0; i < B; ++i) {  // the policy logps fed to the loss (and the rewards) are LD-weighted
+        EXPECT_NEAR(got.chosen_logps[i].item<double>(), pol[i].item<double>(), 1e-5 * std::abs(pol[i].item<double>())) << what;
+        EXPECT_NEAR(got.rejected_logps[i].item<double>(), pol[B + i].item<double>(),
+                    1e-5 * std::abs(pol[B + i].item<double>())) << what;
+      }
+    }
+  }
+  // The data have weights != 1: WPO changed the loss (the comparison above is not vacuous).
+  dpo::DpoOptions plain_o, wpo_o;
+  plain_o.beta = wpo_o.beta = 0.5;
+  wpo_o.use_weighting = true;
+  EXPECT_NE(dpo::dpo_batch_loss(logits0, ids, mask, ref, plain_o).loss.item<double>(),
+            dpo::dpo_batch_loss(logits0, ids, mask, ref, wpo_o).loss.item<double>());
+  // From precomputed log-probs without the statistic, --use_weighting is refused.
+  dpo::SeqLogps bare = dpo::sequence_logps(logits0, ids, mask);
+  EXPECT_THROW(dpo::dpo_batch_loss(bare, ref, wpo_o), std::runtime_error);
+}
+
 TEST(DpoLossFamily, OptionValidationNamesTheOption) {
   EXPECT_EQ(message(options("sigmoid,bco_pair,sft", Opts{})), "");
   EXPECT_EQ(message(options(" sigmoid , sft ", Opts{})), "");
@@ -511,6 +604,16 @@ TEST(DpoLossFamily, OptionValidationNamesTheOption) {
   Opts tau;
   tau.tau = 0;
   EXPECT_NE(message(options("discopop", tau)).find("--discopop_tau"), std::string::npos);
+  auto ld = options("sigmoid", Opts{});
+  ld.ld_alpha = 1.5;
+  EXPECT_NE(message(ld).find("--ld_alpha must be in [0, 1]"), std::string::npos) << message(ld);
+  ld.ld_alpha = 0.5;
+  EXPECT_EQ(message(ld), "");
+  ld.loss_type = "sigmoid,aot";
+  EXPECT_NE(message(ld).find("--ld_alpha cannot be combined with --loss_type aot"), std::string::npos) << message(ld);
+  auto wpo = options("aot_unpaired", Opts{});
+  wpo.use_weighting = true;
+  EXPECT_NE(message(wpo).find("--use_weighting cannot be combined"), std::string::npos) << message(wpo);
   const auto terms = dpo::dpo_loss_terms(options("apo_zero,sft", Opts{}));
   ASSERT_EQ(terms.size(), 2u);
   EXPECT_EQ(terms[1].type, "sft");

@@ -1,9 +1,12 @@
 // Tests of head_logps (chunked lm_head + log-softmax, recomputed in backward) against
 // sequence_logps on the full logits: values, metrics and gradients, in several chunk
 // sizes, bf16 hidden states, two targets read from one position (a shared prompt's
-// last token predicts both answers' first tokens), and bad inputs.
+// last token predicts both answers' first tokens), bad inputs, and the extras of
+// preference-loss variants: per-token weights (LD-DPO) and the WPO statistic
+// (mean of log p - log sum p^2), against ATen log_softmax in double.
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -79,7 +82,111 @@ TEST_P(HeadLogps, EqualsSequenceLogpsOfFullLogitsWithGradients) {
   EXPECT_LT(rel_err(gl, gl_ref), 1e-5);
 }
 
+// LD-DPO weights and the WPO statistic against log_softmax in double, values and
+// gradients (the gradient of entry i is scaled by its weight; WPO is detached).
+TEST_P(HeadLogps, TokenWeightsAndWpoStatisticMatchLogSoftmax) {
+  torch::manual_seed(5);
+  const int64_t R = 4, T = 9, C = 12, V = 257;
+  Tensor h = torch::randn({R, T, C}).requires_grad_(true);
+  Tensor w = torch::randn({V, C}) * 0.7;
+  Tensor ids = torch::randint(0, V, {R, T}, torch::kLong);
+  Tensor mask = torch::zeros({R, T});
+  mask.slice(1, 3, 9).fill_(1);
+  mask[2].slice(0, 6, 9).fill_(0);
+  Targets tg = targets_of(ids, mask);
+  const int64_t M = tg.pos.numel();
+  Tensor tw = torch::rand({M}, torch::kDouble);
+  Tensor g = torch::randn({R});
+  dpo::HeadLogpsOptions extra;
+  extra.token_weight = tw;
+  extra.wpo = true;
+  Tensor g2 = torch::randn({R});
+  dpo::SeqLogps got = dpo::head_logps(h, w, tg.pos, tg.tok, tg.seq, R, extra);
+  // Both sums are differentiable: the weighted one (DPO terms) and the plain one (NLL terms).
+  Tensor gh = torch::autograd::grad({(got.logps * g).sum() + (got.unweighted_logps * g2).sum()}, {h})[0];
+
+  Tensor h2 = h.detach().clone().requires_grad_(true);
+  Tensor lsm = torch::log_softmax(torch::matmul(h2, w.t()).reshape({R * T, V}).to(torch::kDouble), -1);
+  Tensor lp = lsm.index_select(0, tg.pos).gather(1, tg.tok.unsqueeze(1)).squeeze(1);  // (M)
+  Tensor want = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp * tw);
+  Tensor want_plain = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp);
+  Tensor gh_ref = torch::autograd::grad(
+      {(want * g.to(torch::kDouble)).sum() + (want_plain * g2.to(torch::kDouble)).sum()}, {h2})[0];
+  EXPECT_LT(rel_err(got.logps, want), 1e-5);
+  EXPECT_LT(rel_err(got.unweighted_logps, want_plain), 1e-5);
+  EXPECT_LT(rel_err(gh, gh_ref), 1e-5);
+  EXPECT_FALSE(got.wpo_logps.requires_grad());
+  // WPO: per sequence, mean over its tokens of log p - log sum_v p_v^2.
+  Tensor lsq = (2 * lsm.detach()).logsumexp({1}).index_select(0, tg.pos);
+  Tensor n = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, torch::ones({M}, torch::kDouble));
+  Tensor wpo = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp.detach() - lsq) / n;
+  EXPECT_LT(rel_err(got.wpo_logps, wpo), 1e-5);
+  // Off by default: no statistic, unweighted sums.
+  dpo::SeqLogps plain = dpo::head_logps(h.detach(), w, tg.pos, tg.tok, tg.seq, R);
+  EXPECT_FALSE(plain.wpo_logps.defined());
+  EXPECT_FALSE(plain.unweighted_logps.defined());
+  Tensor unweighted = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp.detach());
+  EXPECT_LT(rel_err(plain.logps, unweighted), 1e-5);
+}
+
 INSTANTIATE_TEST_SUITE_P(ChunkRows, HeadLogps, ::testing::Values(0, 1, 3, 7));
+
+// A row with a -inf logit (a masked vocabulary entry) takes the exact two-pass path:
+// its WPO statistic is exact too; fp64 logits as input (read through fp32 chunks).
+TEST(HeadLogpsMore, WpoStatisticOnTheExactPath) {
+  torch::manual_seed(6);
+  const int64_t V = 50;
+  Tensor logits = torch::randn({1, 5, V}) * 3;
+  logits[0][1][7] = -std::numeric_limits<float>::infinity();
+  Tensor pos = torch::tensor({0, 1, 2, 3}, torch::kLong), tok = torch::tensor({3, 4, 5, 6}, torch::kLong);
+  Tensor seq = torch::tensor({0, 0, 1, 1}, torch::kLong);
+  dpo::HeadLogpsOptions extra;
+  extra.wpo = true;
+  dpo::SeqLogps got = dpo::head_logps(logits, Tensor(), pos, tok, seq, 2, extra);
+  Tensor lsm = torch::log_softmax(logits[0].to(torch::kDouble), -1);
+  auto stat = [&](int64_t p, int64_t t) { return (lsm[p][t] - (2 * lsm[p]).logsumexp(0)).item<double>(); };
+  EXPECT_NEAR(got.wpo_logps[0].item<double>(), (stat(0, 3) + stat(1, 4)) / 2, 1e-5);
+  EXPECT_NEAR(got.wpo_logps[1].item<double>(), (stat(2, 5) + stat(3, 6)) / 2, 1e-5);
+  // log sum p^2 <= 0, so the statistic is >= log p: weights exp(w_c + w_r) can exceed 1 (TRL clamps)
+  EXPECT_GE(got.wpo_logps[0].item<double>(), (lsm[0][3] + lsm[1][4]).item<double>() / 2);
+}
+
+// LD-DPO's weights: within each answer (in entry order) the first min(len chosen,
+// len rejected) tokens of its pair weigh 1, the rest alpha.
+TEST(HeadLogpsMore, LdTokenWeightsSplitEachAnswerAtTheShorterLength) {
+  // B = 2: sequences 0, 1 chosen; 2, 3 rejected. Lengths 3, 2 | 2, 4; entries interleaved.
+  Tensor seq = torch::tensor({0, 2, 0, 3, 1, 3, 0, 1, 2, 3, 3}, torch::kLong);
+  Tensor w = dpo::ld_token_weights(seq, 4, 0.25);
+  const std::vector<double> want{1, 1, 1, 1, 1, 1, 0.25, 1, 1, 0.25, 0.25};
+  ASSERT_EQ(w.numel(), static_cast<int64_t>(want.size()));
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(w[i].item<double>(), want[i]) << i;
+  EXPECT_THROW(dpo::ld_token_weights(seq, 3, 0.5), std::runtime_error);                                  // odd
+  EXPECT_THROW(dpo::ld_token_weights(torch::tensor({0, 5}, torch::kLong), 4, 0.5), std::runtime_error);  // range
+}
+
+// answer_targets gives head_logps the entries sequence_logps reads from padded rows.
+TEST(HeadLogpsMore, AnswerTargetsReproduceSequenceLogps) {
+  torch::manual_seed(7);
+  const int64_t R = 3, T = 8, V = 60;
+  Tensor logits = torch::randn({R, T, V});
+  Tensor ids = torch::randint(0, V, {R, T}, torch::kLong);
+  Tensor mask = torch::zeros({R, T});
+  mask.slice(1, 2, 8).fill_(1);
+  mask[1].slice(0, 5, 8).fill_(0);
+  const dpo::AnswerTargets t = dpo::answer_targets(ids, mask, V);
+  EXPECT_EQ(t.sequences, R);
+  const Targets mine = targets_of(ids, mask);
+  EXPECT_TRUE(torch::equal(t.position, mine.pos));
+  EXPECT_TRUE(torch::equal(t.token, mine.tok));
+  EXPECT_TRUE(torch::equal(t.sequence, mine.seq));
+  dpo::SeqLogps a = dpo::head_logps(logits, Tensor(), t.position, t.token, t.sequence, R);
+  dpo::SeqLogps b = dpo::sequence_logps(logits, ids, mask);
+  EXPECT_TRUE(torch::equal(a.logps, b.logps));
+  EXPECT_TRUE(torch::equal(a.token_counts, b.token_counts));
+  Tensor bad = ids.clone();
+  bad[0][4] = V;  // an answer token outside the vocabulary
+  EXPECT_THROW(dpo::answer_targets(bad, mask, V), std::runtime_error);
+}
 
 TEST(HeadLogpsMore, OnePositionPredictsTwoSequencesAndBf16) {
   torch::manual_seed(4);

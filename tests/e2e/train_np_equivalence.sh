@@ -3,6 +3,8 @@
 #  1. np=1 x batch 2 and np=2 x batch 1 (global batch 2, dropout 0, same seed, 10 DPO steps):
 #     the final adapter_model.safetensors agree within 1e-5 (max abs diff, read by hand),
 #     and so do the logged losses.
+#  1b. the same for --loss_type bco_pair (its running reward mean is reduced over all ranks),
+#     with WPO and LD-DPO on (--use_weighting, --ld_alpha 0.5): adapters agree within 1e-5.
 #  2. np=3 x batch 1 on 200 pairs (200 % 3 != 0) for 70 steps, across the epoch boundary
 #     (66 or 67 steps/epoch), with an eval file of 40 pairs (uneven eval shards): completes,
 #     logs every step 1..70 exactly once, reaches epoch > 1, and its adapter equals that of
@@ -40,6 +42,15 @@ print("losses: max abs diff %.3g over 10 steps" % d)
 assert d < 1e-5, "loss diff %g" % d
 PY
 log "np=1 x 2 == np=2 x 1 ($((SECONDS - t)) s)"
+
+# ---- 1b. bco_pair's running mean over ranks; WPO and LD-DPO -----------------------------------
+t=$SECONDS
+common=("${train_args[@]}" --lora_dropout 0 --max_steps 6 --save_steps 0 --loss_type bco_pair
+  --use_weighting --ld_alpha 0.5)
+run bco1 1 "${common[@]}" --per_device_train_batch_size 2 --output_dir "$work/bco1"
+run bco2 2 "${common[@]}" --per_device_train_batch_size 1 --output_dir "$work/bco2"
+cmp_adapters "$work/bco1/adapter_model.safetensors" "$work/bco2/adapter_model.safetensors" 1e-5
+log "bco_pair + WPO + LD-DPO: np=1 x 2 == np=2 x 1 ($((SECONDS - t)) s)"
 
 # ---- 2. np=3, uneven data, across the epoch boundary -----------------------------------------
 t=$SECONDS

@@ -189,6 +189,23 @@ TEST(TrainOptions, ValidatesAcrossFields) {
   EXPECT_THROW(parse({"--stage", "rlhf"}), CliError);
   EXPECT_THROW(parse({"--max_steps", "-1", "--num_train_epochs", "0"}), CliError);
   EXPECT_THROW(parse({"--bnb_4bit_quant_type", "fp4"}), CliError);
+  // The loss-family options reach core's DpoOptions, and core's ranges are the CLI's.
+  TrainOptions lf = parse({"--loss_type", "sigmoid,bco_pair,sft", "--loss_weights", "0.8,0.2,1", "--use_weighting",
+                           "--ld_alpha", "0.4", "--discopop_tau", "0.1"});
+  const DpoOptions d = lf.dpo_options();
+  EXPECT_TRUE(d.use_weighting);
+  EXPECT_DOUBLE_EQ(d.ld_alpha, 0.4);
+  EXPECT_DOUBLE_EQ(d.discopop_tau, 0.1);
+  EXPECT_EQ(d.loss_weights, (std::vector<double>{0.8, 0.2, 1.0}));
+  EXPECT_FALSE(parse({}).dpo_options().use_weighting);
+  EXPECT_DOUBLE_EQ(parse({}).dpo_options().ld_alpha, 1.0);  // off
+  try {
+    parse({"--ld_alpha", "1.5"});
+    ADD_FAILURE() << "--ld_alpha 1.5 accepted";
+  } catch (const CliError& e) {
+    EXPECT_NE(std::string(e.what()).find("--ld_alpha must be in [0, 1]"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(parse({"--loss_type", "aot", "--use_weighting"}), CliError);
   Cli c("dpo_dist", "");
   add_train_options(c);
   const char* argv[] = {"dpo_dist", "--train_file", "t.h5"};

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -136,9 +137,15 @@ std::vector<nlohmann::json> eval_events(const std::string& out) {
 class LossTrains : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(LossTrains, EvalRewardMarginAndAccuracyRise) {
-  const std::string type = GetParam();
+  std::string type = GetParam();
+  const bool wpo_ld = type.size() > 7 && type.compare(type.size() - 7, 7, "+wpo+ld") == 0;  // WPO and LD-DPO on
+  if (wpo_ld) type.resize(type.size() - 7);
   testutil::TempDir out("dpo_loss_training_out");
   TrainOptions o = options(out.path(), type);
+  if (wpo_ld) {
+    o.use_weighting = true;
+    o.ld_alpha = 0.5;
+  }
   if (type == "exo_pair") o.label_smoothing = 1e-3;
   if (type == "sigmoid,bco_pair,sft") o.loss_weights = {0.8, 0.2, 1.0};
   if (type == "ipo" || type == "sppo_hard") o.beta = 0.5;  // targets 1/(2 beta): reachable in 150 steps
@@ -161,13 +168,65 @@ TEST_P(LossTrains, EvalRewardMarginAndAccuracyRise) {
 INSTANTIATE_TEST_SUITE_P(EveryType, LossTrains,
                          ::testing::Values("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
                                            "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-                                           "sigmoid_norm", "sft", "sigmoid,bco_pair,sft"),
+                                           "sigmoid_norm", "sft", "sigmoid,bco_pair,sft", "sigmoid+wpo+ld"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            std::string n = i.param;
                            for (char& c : n)
-                             if (c == ',') c = '_';
+                             if (c == ',' || c == '+') c = '_';
                            return n;
                          });
+
+// bco_pair's running reward mean is part of the training state: checkpoint-3 holds it
+// (2 rewards x 4 pairs x 3 steps), and a run resumed there repeats steps 4-6 exactly.
+// Resuming with the mean zeroed gives another step 4 (the state matters).
+TEST(LossTraining, BcoRunningMeanIsCheckpointedAndResumesExactly) {
+  testutil::TempDir a("dpo_bco_a"), b("dpo_bco_b"), c("dpo_bco_c");
+  auto opts = [](const std::string& dir) {
+    TrainOptions o = options(dir, "bco_pair");
+    o.max_steps = 6;
+    o.save_steps = 3;
+    o.logging_steps = 1;
+    o.eval_file = "";
+    o.learning_rate = 2e-2;  // rewards move away from 0 within 3 steps
+    return o;
+  };
+  FakeCommunicator ca;
+  ASSERT_EQ(train(opts(a.path()), ca), 0);
+  const auto state = nlohmann::json::parse(testutil::read_file(a.path() + "/checkpoint-3/dpo_dist_state.json"));
+  ASSERT_TRUE(state.contains("bco_running_mean")) << state.dump();
+  EXPECT_EQ(state["bco_running_mean"]["count"].get<double>(), 24.0);
+  EXPECT_NE(state["bco_running_mean"]["reward_sum"].get<double>(), 0.0);
+  auto losses = [](const std::string& dir) {
+    std::map<int64_t, double> v;
+    std::ifstream in(dir + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) v[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+    }
+    return v;
+  };
+  const auto la = losses(a.path());
+  for (const auto& [dir, zero] : {std::pair<std::string, bool>{b.path(), false}, {c.path(), true}}) {
+    fs::copy(a.path() + "/checkpoint-3", dir + "/checkpoint-3", fs::copy_options::recursive);
+    if (zero) {
+      auto st = state;
+      st["bco_running_mean"] = {{"reward_sum", 0.0}, {"count", 0.0}};
+      std::ofstream(dir + "/checkpoint-3/dpo_dist_state.json") << st.dump();
+    }
+    TrainOptions o = opts(dir);
+    o.resume_from_checkpoint = "auto";
+    FakeCommunicator cb;
+    ASSERT_EQ(train(o, cb), 0);
+    const auto lb = losses(dir);
+    ASSERT_EQ(lb.count(4), 1u);
+    if (zero) {
+      EXPECT_NE(lb.at(4), la.at(4)) << "resuming without the reward mean gave the same step 4";
+      continue;
+    }
+    for (int64_t s = 4; s <= 6; ++s) EXPECT_EQ(lb.at(s), la.at(s)) << "step " << s;
+    EXPECT_EQ(testutil::read_file(dir + "/adapter_model.safetensors"), testutil::read_file(a.path() + "/adapter_model.safetensors"));
+  }
+}
 
 // aot sorts over the global batch: 1 micro-batch of 8 pairs and 4 accumulated
 // micro-batches of 2 are the same step (same losses, same adapter).
