@@ -72,9 +72,11 @@ endfunction()
 
 # dpo_add_test(name SOURCES t.cpp ... DEPS lib ... [TORCH] [LABEL unit|mpi|...] [NP n]
 #              [TIMEOUT s] [ARGS ...])
-# One GoogleTest executable in build/tests. Without NP: each TEST is its own ctest
-# case (label unit by default), listed when ctest runs (PRE_TEST: a loaded machine
-# cannot fail the build by timing out the listing). With NP n: the whole executable runs under
+# One GoogleTest executable in build/tests. Without NP: one ctest case <name> runs every
+# TEST of it in one process (label unit by default; pick TESTs with
+# `build/tests/<name> --gtest_filter=...`). With -DDPO_TEST_PER_CASE=ON each TEST is its own
+# ctest case instead, listed when ctest runs (a process each: ~0.7 s of libtorch start-up per
+# case, which made the suite 3x slower). With NP n: the whole executable runs under
 # mpirun -np n as one case named <name>_np<n> (label mpi); call again with another
 # NP to add more rank counts of the same executable.
 function(dpo_add_test name)
@@ -100,9 +102,12 @@ function(dpo_add_test name)
              COMMAND ${DPO_MPIEXEC} ${DPO_MPIEXEC_FLAGS} -np ${A_NP} $<TARGET_FILE:${name}> ${A_ARGS})
     set_tests_properties(${name}_np${A_NP} PROPERTIES LABELS mpi TIMEOUT ${A_TIMEOUT} RUN_SERIAL TRUE
       ENVIRONMENT "OMPI_MCA_rmaps_base_oversubscribe=1;OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
-  else()
+  elseif(DPO_TEST_PER_CASE)
     include(GoogleTest)
     gtest_discover_tests(${name} EXTRA_ARGS ${A_ARGS} PROPERTIES LABELS ${A_LABEL} TIMEOUT ${A_TIMEOUT}
                          DISCOVERY_TIMEOUT 300 DISCOVERY_MODE PRE_TEST)
+  else()
+    add_test(NAME ${name} COMMAND $<TARGET_FILE:${name}> ${A_ARGS})
+    set_tests_properties(${name} PROPERTIES LABELS ${A_LABEL} TIMEOUT ${A_TIMEOUT})
   endif()
 endfunction()

@@ -13,14 +13,14 @@
 #   tests/e2e/slurm_train.sh            (ctest -L slurm runs it with DPO_BIN=<build>/bin)
 # Environment: DPO_BIN (dir of the dpo_* binaries, default build/bin), DPO_SLURM_KEEP=1
 # (keep the work dir and the Slurm daemons), DPO_SLURM_TEST_TIMEOUT (s per job, 600),
-# DPO_SLURM_TEST_PREEMPT_STEPS (steps of the preempted run, 2000).
+# DPO_SLURM_TEST_PREEMPT_STEPS (steps of the preempted run, 400).
 set -euo pipefail
 
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DPO_BIN=${DPO_BIN:-$src/build/bin}
 DPO_BIN=$(cd "$DPO_BIN" 2>/dev/null && pwd || echo "$DPO_BIN")
 job_timeout=${DPO_SLURM_TEST_TIMEOUT:-600}
-preempt_steps=${DPO_SLURM_TEST_PREEMPT_STEPS:-2000}
+preempt_steps=${DPO_SLURM_TEST_PREEMPT_STEPS:-400}
 export PATH=$PATH:/usr/sbin
 
 log() { echo "slurm_train[$(date +%H:%M:%S)]: $*"; }
