@@ -101,6 +101,28 @@ std::string test_corpus() {
   return text;
 }
 
+std::string binary_dir() {
+  if (const char* e = std::getenv("DPO_BINARY_DIR"); e && *e) return e;
+  std::error_code ec;
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec || exe.parent_path().parent_path().empty())
+    throw std::runtime_error("cannot find the build directory (/proc/self/exe unreadable); set DPO_BINARY_DIR");
+  return exe.parent_path().parent_path().string();
+}
+
+std::string source_dir() {
+  if (const char* e = std::getenv("DPO_SOURCE_DIR"); e && *e) return e;
+  const std::string cache = binary_dir() + "/CMakeCache.txt";
+  std::ifstream in(cache);
+  const std::string key = "CMAKE_HOME_DIRECTORY:INTERNAL=";
+  for (std::string line; std::getline(in, line);)
+    if (line.compare(0, key.size(), key) == 0) return line.substr(key.size());
+  throw std::runtime_error("cannot find the source directory: " + cache +
+                           " has no CMAKE_HOME_DIRECTORY; set DPO_SOURCE_DIR to the checkout");
+}
+
+std::string tool_path(const std::string& tool) { return binary_dir() + "/bin/" + tool; }
+
 }  // namespace testutil
 
 std::string train_test_tokenizer(const std::string& dir, int vocab_size, bool byte_fallback) {

@@ -48,5 +48,16 @@ int run_command(const std::string& command, std::string* output = nullptr);
 /// The deterministic corpus the test tokenizer is trained on (one sentence a line).
 std::string test_corpus();
 
+/// Where the tests find the build and the checkout, at run time (not compiled in: a test
+/// object then does not depend on the build directory's path, so ccache serves it to any
+/// build directory). binary_dir(): $DPO_BINARY_DIR, else the parent of the directory of
+/// the running executable (tests run from <build>/tests). source_dir(): $DPO_SOURCE_DIR,
+/// else CMAKE_HOME_DIRECTORY of <build>/CMakeCache.txt. Throw std::runtime_error saying
+/// which variable to set when neither works.
+std::string binary_dir();
+std::string source_dir();
+/// binary_dir() + "/bin/" + tool
+std::string tool_path(const std::string& tool);
+
 }  // namespace testutil
 }  // namespace dpo

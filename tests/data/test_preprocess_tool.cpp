@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 using testutil::run_command;
 using testutil::TempDir;
 
-const std::string kTool = std::string(DPO_BINARY_DIR) + "/bin/dpo_preprocess";
+const std::string kTool = testutil::tool_path("dpo_preprocess");
 
 class ToolTest : public ::testing::Test {
  protected:

@@ -5,6 +5,8 @@
 // must end the whole job quickly; SIGUSR1 must reach every rank and stop them together.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -22,9 +24,8 @@
 #ifndef DPO_MPIEXEC
 #error "DPO_MPIEXEC (the mpirun path) must be defined by tests/dist/dist.cmake"
 #endif
-#ifndef DIST_ABORT_PROBE
-#error "DIST_ABORT_PROBE (the probe's path) must be defined by tests/dist/dist.cmake"
-#endif
+// The probe sits next to this test in <build>/tests.
+const std::string kProbe = dpo::testutil::binary_dir() + "/tests/dist_abort_probe";
 
 namespace {
 
@@ -91,7 +92,7 @@ std::vector<std::string> mpirun(int np, const std::vector<std::string>& probe_ar
                                 const std::vector<std::string>& extra = {}) {
   std::vector<std::string> a{DPO_MPIEXEC, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"};
   a.insert(a.end(), extra.begin(), extra.end());
-  a.insert(a.end(), {"-np", std::to_string(np), DIST_ABORT_PROBE});
+  a.insert(a.end(), {"-np", std::to_string(np), kProbe});
   a.insert(a.end(), probe_args.begin(), probe_args.end());
   return a;
 }
@@ -106,7 +107,7 @@ TEST(DistLaunch, HealthyJobExitsZero) {
 }
 
 TEST(DistLaunch, SingletonWithoutMpirunIsAWorldOfOne) {
-  const auto r = run_job({DIST_ABORT_PROBE, "--mode", "ok"});
+  const auto r = run_job({kProbe, "--mode", "ok"});
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(has(r.output, "probe ok rank 0 of 1 (launcher: none)")) << r.output;
 }

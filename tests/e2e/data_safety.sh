@@ -94,7 +94,7 @@ full_ms=$((($(date +%s%N) - t0) / 1000000))
 cp "$work/train.h5" "$victim"
 kills=0
 completed=0
-for pct in 20 40 60 70 80 85 90 93 96 98 99 100 102 105 110 120 150; do
+for pct in 30 70 90 96 98 99 100 102 110 150; do  # dense around the commit (rename) at ~100%
   delay=$(awk -v m="$full_ms" -v p="$pct" 'BEGIN {printf "%.3f", m * p / 100000}')
   setsid "${score[@]}" >"$work/score_k.log" 2>&1 &
   p=$!
@@ -110,6 +110,6 @@ for pct in 20 40 60 70 80 85 90 93 96 98 99 100 102 105 110 120 150; do
   "$DPO_BIN/dpo_score" --model_name_or_path "$work/model" --data "$victim" --beta 0.1 >"$work/score_check.log" 2>&1 || rc=$?
   [ $rc = 0 ] || { cat "$work/score_check.log"; fail "kill at ${delay}s: $victim no longer reads (exit $rc)"; }
 done
-log "sigkill_ref_logps: $kills kills at 20%..150% of a ${full_ms} ms run, $completed completed runs; file intact after each"
+log "sigkill_ref_logps: $kills kills at 30%..150% of a ${full_ms} ms run, $completed completed runs; file intact after each"
 [ $kills -gt 0 ] || fail "sigkill_ref_logps: no kill landed"
 log "PASS"

@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/test_util.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -32,7 +34,7 @@ std::string fresh_dir(const std::string& name) {
 
 /// Runs the tool; returns its exit status.
 int run_tool(const std::string& args) {
-  const std::string cmd = std::string(DPO_MAKE_DEMO_DATA) + " " + args + " > /dev/null 2>&1";
+  const std::string cmd = dpo::testutil::tool_path("dpo_make_demo_data") + " " + args + " > /dev/null 2>&1";
   const int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }

@@ -84,7 +84,7 @@ TEST(DryRun, PlansThe7bConfigInSecondsWithoutWeights) {
   const std::string out = dir.file("out");
   fs::create_directories(out + "/checkpoint-200");
   testutil::write_file(out + "/checkpoint-200/trainer_state.json", "{\"global_step\": 200}");
-  const std::string cmd = std::string(DPO_DIST) + " --config " + DPO_SOURCE_DIR +
+  const std::string cmd = testutil::tool_path("dpo_dist") + " --config " + testutil::source_dir() +
                           "/configs/llama2-7b-dpo.ini --model_name_or_path " + model + " --train_file " + h5 +
                           " --eval_file '' --output_dir " + out + " --resume_from_checkpoint auto --backend fake --dry_run";
   std::string output;
@@ -120,7 +120,7 @@ TEST(DryRun, PlansThe7bConfigInSecondsWithoutWeights) {
 TEST(DryRun, BadDataFileIsOneLineError) {
   testutil::TempDir dir("dpo_dry_run_bad");
   testutil::write_file(dir.file("config.json"), kLlama2_7b);
-  const std::string cmd = std::string(DPO_DIST) + " --model_name_or_path " + dir.path() +
+  const std::string cmd = testutil::tool_path("dpo_dist") + " --model_name_or_path " + dir.path() +
                           " --train_file " + dir.file("missing.h5") + " --output_dir " + dir.file("out") +
                           " --backend fake --dry_run";
   std::string output;

@@ -739,7 +739,7 @@ TEST(Training, CheckpointTrainerStateHoldsExactlyHfTrainerStateFields) {
   o.save_steps = 1;
   ASSERT_EQ(train(o, comm), 0);
   std::set<std::string> hf;
-  std::istringstream fields(testutil::read_file(std::string(DPO_SOURCE_DIR) + "/tests/launch/fixtures/hf_trainer_state_fields.txt"));
+  std::istringstream fields(testutil::read_file(testutil::source_dir() + "/tests/launch/fixtures/hf_trainer_state_fields.txt"));
   for (std::string line; std::getline(fields, line);)
     if (!line.empty() && line[0] != '#') hf.insert(line);
   ASSERT_EQ(hf.size(), 20u);
