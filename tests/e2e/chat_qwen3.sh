@@ -100,7 +100,7 @@ print("adapter: %d tensors; modules_to_save keys: %s" % (len(keys), saved))
 assert any(k.endswith("embed_tokens.weight") for k in saved), saved
 assert any(k.startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A") for k in keys), keys[:4]
 EOF
-run "$work/merge_sft.log" "$BIN/dpo_merge" --model_name_or_path "$work/qwen3" --adapter "$work/sft" \
+run "$work/merge_sft.log" "$BIN/dpo_merge" --threads 1 --model_name_or_path "$work/qwen3" --adapter "$work/sft" \
   --output_dir "$work/qwen3-sft"
 for f in tokenizer.json tokenizer_config.json config.json; do
   [ -f "$work/qwen3-sft/$f" ] || fail "the merged model lacks $f"
@@ -113,11 +113,11 @@ log "3. SFT adapter (modules_to_save in PEFT's layout) merged into qwen3-sft"
 run "$work/dpo.log" "$BIN/dpo_dist" $(train_args "$work/qwen3-sft") --stage dpo --beta 0.1 --learning_rate 1e-3 \
   --max_steps 2 --eval_steps 2 --lora_target_modules all-linear --output_dir "$work/dpo"
 grep -q '"rewards/accuracies"' "$work/dpo/metrics.jsonl" || fail "no DPO metrics logged"
-run "$work/merge_dpo.log" "$BIN/dpo_merge" --model_name_or_path "$work/qwen3-sft" --adapter "$work/dpo" \
+run "$work/merge_dpo.log" "$BIN/dpo_merge" --threads 1 --model_name_or_path "$work/qwen3-sft" --adapter "$work/dpo" \
   --output_dir "$work/qwen3-dpo"
 [ -f "$work/qwen3-dpo/tokenizer.json" ] || fail "the DPO-merged model lacks tokenizer.json"
-run "$work/score.log" "$BIN/dpo_score" --model_name_or_path "$work/qwen3-dpo" --data "$work/eval.h5" \
-  --output "$work/scores.jsonl" --threads 1
+run "$work/score.log" "$BIN/dpo_score" --threads 1 --model_name_or_path "$work/qwen3-dpo" --data "$work/eval.h5" \
+  --output "$work/scores.jsonl"
 [ "$(grep -c . "$work/scores.jsonl")" -gt 0 ] || fail "dpo_score wrote no rows"
 log "4. DPO from the SFT model, merged, scored: $(grep -c . "$work/scores.jsonl") pairs"
 log "PASS"

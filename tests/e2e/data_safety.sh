@@ -66,7 +66,7 @@ if mount -t tmpfs -o size=160k tmpfs "$fs" 2>"$work/mount.err"; then
   [ $rc != 0 ] || fail "readonly_preprocess: exit 0"
   one_error readonly_preprocess dpo_preprocess "$work/ro_pp.err"
   rc=0
-  "$DPO_BIN/dpo_score" --model_name_or_path "$work/model" --data "$fs/train.h5" --write_ref_logps \
+  "$DPO_BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --data "$fs/train.h5" --write_ref_logps \
     >/dev/null 2>"$work/ro_score.err" || rc=$?
   [ $rc != 0 ] || fail "readonly_score: exit 0"
   one_error readonly_score dpo_score "$work/ro_score.err"
@@ -86,7 +86,7 @@ fi
 victim=$work/victim.h5
 cp "$work/train.h5" "$victim"
 tok=$(tokens_sum "$victim")
-score=("$DPO_BIN/dpo_score" --model_name_or_path "$work/model" --data "$victim" --write_ref_logps)
+score=("$DPO_BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --data "$victim" --write_ref_logps)
 # How long an undisturbed run takes, then kills spread over that time.
 t0=$(date +%s%N)
 "${score[@]}" >"$work/score_full.log" 2>&1 || fail "dpo_score --write_ref_logps failed: $(tail -n 3 "$work/score_full.log")"
@@ -107,7 +107,7 @@ for pct in 30 70 90 96 98 99 100 102 110 150; do  # dense around the commit (ren
   fi
   [ "$(tokens_sum "$victim")" = "$tok" ] || fail "kill at ${delay}s: the token data of $victim changed"
   rc=0
-  "$DPO_BIN/dpo_score" --model_name_or_path "$work/model" --data "$victim" --beta 0.1 >"$work/score_check.log" 2>&1 || rc=$?
+  "$DPO_BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --data "$victim" --beta 0.1 >"$work/score_check.log" 2>&1 || rc=$?
   [ $rc = 0 ] || { cat "$work/score_check.log"; fail "kill at ${delay}s: $victim no longer reads (exit $rc)"; }
 done
 log "sigkill_ref_logps: $kills kills at 30%..150% of a ${full_ms} ms run, $completed completed runs; file intact after each"

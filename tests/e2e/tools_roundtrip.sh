@@ -32,10 +32,10 @@ ls "$work/model/model.safetensors" >/dev/null
   --max_length 48 --max_prompt_length 40 --progress off >/dev/null
 
 # 1. bitsandbytes layout
-"$BIN/dpo_quantize" --model_name_or_path "$work/model" --output_dir "$work/q4" --bnb_4bit_use_double_quant >/dev/null
+"$BIN/dpo_quantize" --threads 1 --model_name_or_path "$work/model" --output_dir "$work/q4" --bnb_4bit_use_double_quant >/dev/null
 grep -q '"quant_method": "bitsandbytes"' "$work/q4/config.json" || fail "quantization_config missing"
-"$BIN/dpo_score" --model_name_or_path "$work/q4" --data "$work/eval.h5" --output "$work/s_q4.jsonl" >/dev/null
-"$BIN/dpo_score" --model_name_or_path "$work/model" --bnb_4bit_use_double_quant --data "$work/eval.h5" \
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/q4" --data "$work/eval.h5" --output "$work/s_q4.jsonl" >/dev/null
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --bnb_4bit_use_double_quant --data "$work/eval.h5" \
   --output "$work/s_fly.jsonl" >/dev/null
 cmp -s "$work/s_q4.jsonl" "$work/s_fly.jsonl" || fail "prequantized bnb checkpoint scores differ from on-the-fly NF4"
 [ "$(wc -l < "$work/s_q4.jsonl")" -eq 16 ] || fail "expected 16 score lines"
@@ -48,13 +48,13 @@ w = sys.argv[1]
 idx = json.load(open(os.path.join(w, "sharded", "model.safetensors.index.json")))
 assert len(set(idx["weight_map"].values())) > 1
 PY
-"$BIN/dpo_score" --model_name_or_path "$work/sharded" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_sh.jsonl" >/dev/null
-"$BIN/dpo_score" --model_name_or_path "$work/model" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_one.jsonl" >/dev/null
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/sharded" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_sh.jsonl" >/dev/null
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_one.jsonl" >/dev/null
 cmp -s "$work/s_sh.jsonl" "$work/s_one.jsonl" || fail "sharded checkpoint scores differ from single-file"
 
 # 3. reference log-probs stored in the file
-"$BIN/dpo_score" --model_name_or_path "$work/model" --data "$work/eval.h5" --write_ref_logps >/dev/null
-out=$("$BIN/dpo_score" --model_name_or_path "$work/model" --data "$work/eval.h5" --beta 0.1)
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --data "$work/eval.h5" --write_ref_logps >/dev/null
+out=$("$BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --data "$work/eval.h5" --beta 0.1)
 echo "$out" | grep -q "implicit reward vs reference over 16 pairs: rewards/accuracies 0.0000  rewards/margins 0.000000" ||
   fail "scores against stored /ref_logps of the same model should be exactly 0: $out"
 
@@ -62,9 +62,9 @@ echo "$out" | grep -q "implicit reward vs reference over 16 pairs: rewards/accur
 "$BIN/dpo_dist" --model_name_or_path "$work/model" --load_in_4bit false --train_file "$work/train.h5" \
   --output_dir "$work/run" --max_steps 3 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_dropout 0 \
   --lora_target_modules all-linear --logging_steps 1 --save_steps 0 --progress off --threads 1 >/dev/null
-"$BIN/dpo_merge" --model_name_or_path "$work/model" --load_in_4bit false --adapter "$work/run" --output_dir "$work/merged" >/dev/null
-"$BIN/dpo_score" --model_name_or_path "$work/model" --load_in_4bit false --adapter "$work/run" --data "$work/eval.h5" --output "$work/s_ad.jsonl" >/dev/null
-"$BIN/dpo_score" --model_name_or_path "$work/merged" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_mg.jsonl" >/dev/null
+"$BIN/dpo_merge" --threads 1 --model_name_or_path "$work/model" --load_in_4bit false --adapter "$work/run" --output_dir "$work/merged" >/dev/null
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/model" --load_in_4bit false --adapter "$work/run" --data "$work/eval.h5" --output "$work/s_ad.jsonl" >/dev/null
+"$BIN/dpo_score" --threads 1 --model_name_or_path "$work/merged" --load_in_4bit false --data "$work/eval.h5" --output "$work/s_mg.jsonl" >/dev/null
 python3 - "$work" <<'PY' || fail "merged model does not score like base + adapter"
 import json, sys
 w = sys.argv[1]
@@ -83,19 +83,19 @@ for arch in mistral qwen2 qwen3; do
   d="$work/$arch"
   "$BIN/dpo_init_model" --output_dir "$d/model" "${common[@]}" --architecture "$arch" --head_dim 8 >/dev/null
   grep -q "\"model_type\": \"$arch\"" "$d/model/config.json" || fail "$arch: model_type not written"
-  "$BIN/dpo_quantize" --model_name_or_path "$d/model" --output_dir "$d/q4" >/dev/null
-  "$BIN/dpo_score" --model_name_or_path "$d/q4" --data "$work/eval.h5" --output "$d/s_q4.jsonl" >/dev/null
-  "$BIN/dpo_score" --model_name_or_path "$d/model" --data "$work/eval.h5" --output "$d/s_fly.jsonl" >/dev/null
+  "$BIN/dpo_quantize" --threads 1 --model_name_or_path "$d/model" --output_dir "$d/q4" >/dev/null
+  "$BIN/dpo_score" --threads 1 --model_name_or_path "$d/q4" --data "$work/eval.h5" --output "$d/s_q4.jsonl" >/dev/null
+  "$BIN/dpo_score" --threads 1 --model_name_or_path "$d/model" --data "$work/eval.h5" --output "$d/s_fly.jsonl" >/dev/null
   cmp -s "$d/s_q4.jsonl" "$d/s_fly.jsonl" || fail "$arch: prequantized checkpoint scores differ from on-the-fly NF4"
   "$BIN/dpo_dist" --model_name_or_path "$d/model" --load_in_4bit false --train_file "$work/train.h5" --stage sft \
     --output_dir "$d/run" --max_steps 3 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_dropout 0 \
     --lora_target_modules all-linear --modules_to_save embed_tokens,lm_head --logging_steps 1 --save_steps 0 \
     --progress off --threads 1 >/dev/null
   grep -q '"modules_to_save"' "$d/run/adapter_config.json" || fail "$arch: modules_to_save not in adapter_config.json"
-  "$BIN/dpo_merge" --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --output_dir "$d/merged" >/dev/null
-  "$BIN/dpo_score" --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --data "$work/eval.h5" --output "$d/s_ad.jsonl" >/dev/null
-  "$BIN/dpo_score" --model_name_or_path "$d/merged" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_mg.jsonl" >/dev/null
-  "$BIN/dpo_score" --model_name_or_path "$d/model" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_base.jsonl" >/dev/null
+  "$BIN/dpo_merge" --threads 1 --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --output_dir "$d/merged" >/dev/null
+  "$BIN/dpo_score" --threads 1 --model_name_or_path "$d/model" --load_in_4bit false --adapter "$d/run" --data "$work/eval.h5" --output "$d/s_ad.jsonl" >/dev/null
+  "$BIN/dpo_score" --threads 1 --model_name_or_path "$d/merged" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_mg.jsonl" >/dev/null
+  "$BIN/dpo_score" --threads 1 --model_name_or_path "$d/model" --load_in_4bit false --data "$work/eval.h5" --output "$d/s_base.jsonl" >/dev/null
   python3 - "$d" "$arch" <<'PY' || fail "$arch: merged model does not score like base + adapter + saved modules"
 import json, sys
 d, arch = sys.argv[1], sys.argv[2]
