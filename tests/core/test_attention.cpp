@@ -16,6 +16,7 @@
 #include "core/llama.h"
 #include "core/lora.h"
 #include "tests/test_util.h"
+#include "tests/tiny_llama.h"
 
 namespace {
 
@@ -114,14 +115,9 @@ TEST(AttentionLayout, RefusesBadLayouts) {
 // ---- the model --------------------------------------------------------------
 
 dpo::LlamaModel tiny_model(int64_t kv_heads) {
-  dpo::LlamaConfig cfg;
-  cfg.hidden_size = 32;
+  dpo::LlamaConfig cfg = dpo::testutil::tiny_llama_config(50);  // initializer 0.2: attention far from uniform
   cfg.intermediate_size = 48;
-  cfg.num_hidden_layers = 2;
-  cfg.num_attention_heads = 4;
   cfg.num_key_value_heads = kv_heads;
-  cfg.vocab_size = 50;
-  cfg.initializer_range = 0.2;  // large weights: attention far from uniform
   return dpo::llama_init_random(cfg, 9, dpo::QuantOptions{});
 }
 

@@ -43,6 +43,22 @@ Targets targets_of(const Tensor& ids, const Tensor& mask) {
   return {torch::tensor(p, torch::kLong), torch::tensor(k, torch::kLong), torch::tensor(s, torch::kLong)};
 }
 
+// Random hidden states (R, T, C) that require grad, a head (V, C) scaled by w_scale, token
+// ids, and a mask of answer tokens from column `answer_from` on (seeded: same draws every time).
+struct HeadCase {
+  Tensor h, w, ids, mask;
+};
+HeadCase random_case(uint64_t seed, int64_t R, int64_t T, int64_t C, int64_t V, double w_scale, int64_t answer_from) {
+  torch::manual_seed(seed);
+  HeadCase c;
+  c.h = torch::randn({R, T, C}).requires_grad_(true);
+  c.w = torch::randn({V, C}) * w_scale;
+  c.ids = torch::randint(0, V, {R, T}, torch::kLong);
+  c.mask = torch::zeros({R, T});
+  c.mask.slice(1, answer_from, T).fill_(1);
+  return c;
+}
+
 class HeadLogps : public ::testing::TestWithParam<int64_t> {
  protected:
   void SetUp() override { dpo::detail::set_head_chunk_rows(GetParam()); }
@@ -50,13 +66,8 @@ class HeadLogps : public ::testing::TestWithParam<int64_t> {
 };
 
 TEST_P(HeadLogps, EqualsSequenceLogpsOfFullLogitsWithGradients) {
-  torch::manual_seed(3);
-  const int64_t R = 4, T = 11, C = 16, V = 300;
-  Tensor h = torch::randn({R, T, C}).requires_grad_(true);
-  Tensor w = torch::randn({V, C}) * 0.5;
-  Tensor ids = torch::randint(0, V, {R, T}, torch::kLong);
-  Tensor mask = torch::zeros({R, T});
-  mask.slice(1, 4, 11).fill_(1);
+  const int64_t R = 4, T = 11, V = 300;
+  auto [h, w, ids, mask] = random_case(3, R, T, 16, V, 0.5, 4);
   mask[1].slice(0, 8, 11).fill_(0);  // padding
   mask[3].fill_(0);                  // a row without answer tokens
   Tensor g = torch::randn({R});
@@ -85,13 +96,8 @@ TEST_P(HeadLogps, EqualsSequenceLogpsOfFullLogitsWithGradients) {
 // LD-DPO weights and the WPO statistic against log_softmax in double, values and
 // gradients (the gradient of entry i is scaled by its weight; WPO is detached).
 TEST_P(HeadLogps, TokenWeightsAndWpoStatisticMatchLogSoftmax) {
-  torch::manual_seed(5);
-  const int64_t R = 4, T = 9, C = 12, V = 257;
-  Tensor h = torch::randn({R, T, C}).requires_grad_(true);
-  Tensor w = torch::randn({V, C}) * 0.7;
-  Tensor ids = torch::randint(0, V, {R, T}, torch::kLong);
-  Tensor mask = torch::zeros({R, T});
-  mask.slice(1, 3, 9).fill_(1);
+  const int64_t R = 4, T = 9, V = 257;
+  auto [h, w, ids, mask] = random_case(5, R, T, 12, V, 0.7, 3);
   mask[2].slice(0, 6, 9).fill_(0);
   Targets tg = targets_of(ids, mask);
   const int64_t M = tg.pos.numel();

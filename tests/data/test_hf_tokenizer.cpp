@@ -28,6 +28,7 @@
 #include "data/sha256.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_info.h"
+#include "tests/data/byte_level_fixture.h"
 #include "tests/test_util.h"
 
 namespace dpo {
@@ -37,25 +38,7 @@ using json = nlohmann::json;
 using Ids = std::vector<int32_t>;
 using testutil::TempDir;
 
-// GPT-2's byte -> symbol table, written from its definition: printable Latin-1 bytes
-// stand for themselves, the other 68 bytes for U+0100, U+0101, ... in byte order.
-std::vector<std::string> gpt2_byte_symbols() {
-  std::vector<std::string> out(256);
-  int n = 0;
-  for (int b = 0; b < 256; ++b) {
-    const bool keep = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-    const uint32_t cp = keep ? b : 256 + n++;
-    std::string s;
-    if (cp < 0x80) {
-      s += char(cp);
-    } else {
-      s += char(0xC0 | (cp >> 6));
-      s += char(0x80 | (cp & 0x3F));
-    }
-    out[b] = s;
-  }
-  return out;
-}
+using testutil::gpt2_byte_symbols;
 
 // A byte-level BPE: ids 0..255 are the byte symbols (id == byte value), then merges.
 // "Ġ" is the space symbol (byte 0x20 -> U+0120).
@@ -71,23 +54,7 @@ json byte_level_tokenizer(const std::vector<std::pair<std::string, std::string>>
   for (const auto& t : extra_tokens) vocab[t] = next++;
   json m = json::array();
   for (const auto& [a, b] : merges) m.push_back(pair_form ? json::array({a, b}) : json(a + " " + b));
-  return json{
-      {"version", "1.0"},
-      {"added_tokens", json::array()},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "Sequence"},
-        {"pretokenizers",
-         json::array({{{"type", "Split"},
-                       {"pattern", {{"Regex", R"( ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}}},
-                       {"behavior", "Isolated"},
-                       {"invert", false}},
-                      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}}},
-      {"post_processor", nullptr},
-      {"decoder", nullptr},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
-        {"ignore_merges", ignore_merges}, {"vocab", vocab}, {"merges", m}}}};
+  return testutil::byte_level_bpe_json(vocab, m, json::array(), ignore_merges);
 }
 
 std::unique_ptr<HfTokenizer> load(const json& j) { return HfTokenizer::from_string(j.dump(), "tiny.json"); }

@@ -19,6 +19,7 @@
 #include "data/preprocess.h"
 #include "data/sources.h"
 #include "data/tokenizer.h"
+#include "tests/data/byte_level_fixture.h"
 #include "tests/test_util.h"
 
 namespace dpo {
@@ -353,42 +354,15 @@ TEST_F(ChatPreprocess, ToolReadsTheModelDirectory) {
 // merges), then the given special tokens, matched in the text as Hugging Face does.
 json byte_level_tokenizer_json(const std::vector<std::string>& specials) {
   json vocab = json::object();
-  int n = 0;
-  for (int b = 0; b < 256; ++b) {
-    const bool keep = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-    const unsigned cp = keep ? unsigned(b) : 256u + unsigned(n++);
-    std::string sym;
-    if (cp < 0x80) {
-      sym += char(cp);
-    } else {
-      sym += char(0xC0 | (cp >> 6));
-      sym += char(0x80 | (cp & 0x3F));
-    }
-    vocab[sym] = b;
-  }
+  const auto sym = testutil::gpt2_byte_symbols();
+  for (int b = 0; b < 256; ++b) vocab[sym[b]] = b;
   json added = json::array();
   for (size_t k = 0; k < specials.size(); ++k) {
     vocab[specials[k]] = 256 + int(k);
     added.push_back(json{{"id", 256 + int(k)}, {"content", specials[k]}, {"single_word", false}, {"lstrip", false},
                          {"rstrip", false}, {"normalized", false}, {"special", true}});
   }
-  return json{
-      {"version", "1.0"},
-      {"added_tokens", added},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "Sequence"},
-        {"pretokenizers",
-         json::array({{{"type", "Split"},
-                       {"pattern", {{"Regex", R"( ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}}},
-                       {"behavior", "Isolated"},
-                       {"invert", false}},
-                      {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}}},
-      {"post_processor", nullptr},
-      {"decoder", nullptr},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
-        {"ignore_merges", false}, {"vocab", vocab}, {"merges", json::array()}}}};
+  return testutil::byte_level_bpe_json(vocab, json::array(), added);
 }
 
 // The independent expectation for that tokenizer: special strings -> their ids, every

@@ -18,6 +18,7 @@
 #include "launch/dpo_step.h"
 #include "launch/tensor_cache.h"
 #include "launch/threads.h"
+#include "tests/tiny_llama.h"
 
 namespace {
 
@@ -62,13 +63,9 @@ TEST(CollatePacked, SharedPromptOneRowIndexByIndex) {
 }
 
 dpo::LlamaModel tiny_model(int64_t kv_heads) {
-  dpo::LlamaConfig cfg;
-  cfg.hidden_size = 32;
+  dpo::LlamaConfig cfg = dpo::testutil::tiny_llama_config(97);
   cfg.intermediate_size = 48;
-  cfg.num_hidden_layers = 2;
-  cfg.num_attention_heads = 4;
   cfg.num_key_value_heads = kv_heads;
-  cfg.vocab_size = 97;
   cfg.initializer_range = 0.1;
   return dpo::llama_init_random(cfg, 21, dpo::QuantOptions{});
 }

@@ -25,6 +25,7 @@
 #include "launch/train_options.h"
 #include "launch/trainer.h"
 #include "tests/test_util.h"
+#include "tests/tiny_llama.h"
 
 namespace dpo {
 namespace {
@@ -47,15 +48,8 @@ Task& task() {
     const std::string tok = train_test_tokenizer(t->dir.file("tok"), 300);
     TokenizerInfo info(tok);
     t->vocab = info.vocab_size();
-    LlamaConfig c;
-    c.hidden_size = 32;
-    c.intermediate_size = 64;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.vocab_size = t->vocab;
+    LlamaConfig c = testutil::tiny_llama_config(t->vocab);
     c.max_position_embeddings = 64;
-    c.initializer_range = 0.2;
     QuantOptions q;
     q.load_in_4bit = true;
     LlamaModel m = llama_init_random(llama_config_checked(c), 5, q);
@@ -97,11 +91,8 @@ Task& task() {
 
 TrainOptions options(const std::string& out, const std::string& loss_type) {
   Task& t = task();
-  TrainOptions o;
-  o.model_name_or_path = t.model_dir;
-  o.train_file = t.train_h5;
+  TrainOptions o = testutil::tiny_run_options(t.model_dir, t.train_h5, out);
   o.eval_file = t.train_h5;  // the objective on the pairs it optimizes (see the top)
-  o.output_dir = out;
   o.loss_type = loss_type;
   o.max_steps = 150;
   o.per_device_train_batch_size = 4;
@@ -111,15 +102,7 @@ TrainOptions options(const std::string& out, const std::string& loss_type) {
   o.eval_steps = 150;  // eval before training (step 0) and at the end
   o.save_steps = 0;
   o.learning_rate = 5e-3;
-  o.lr_scheduler_type = "constant";
-  o.lora_r = 4;
-  o.lora_alpha = 8;
   o.lora_dropout = 0.0;
-  o.lora_target_modules = {"all-linear"};
-  o.progress = "off";
-  o.backend = "fake";
-  o.collective_timeout = 0;
-  o.threads = 1;
   return o;
 }
 

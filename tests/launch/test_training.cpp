@@ -37,6 +37,7 @@
 #include "launch/train_options.h"
 #include "launch/trainer.h"
 #include "tests/test_util.h"
+#include "tests/tiny_llama.h"
 
 namespace dpo {
 namespace {
@@ -47,16 +48,8 @@ using testutil::TempDir;
 constexpr int64_t kBos = 1, kEos = 2, kPad = 2;  // Llama ids; pad = eos as the preference files store it
 
 LlamaConfig tiny_config(int64_t vocab = 64) {
-  LlamaConfig c;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.vocab_size = vocab;
+  LlamaConfig c = testutil::tiny_llama_config(vocab);
   c.max_position_embeddings = 128;
-  // Larger than HF's 0.02 so that logits (and the DPO signal) are far from uniform.
-  c.initializer_range = 0.2;
   return llama_config_checked(c);
 }
 
@@ -640,10 +633,7 @@ void make_run(TinyRun& run, int64_t n, std::optional<LlamaArch> arch = std::null
 }
 
 TrainOptions run_options(const TinyRun& run, const std::string& out) {
-  TrainOptions o;
-  o.model_name_or_path = run.model_dir;
-  o.train_file = run.h5;
-  o.output_dir = out;
+  TrainOptions o = testutil::tiny_run_options(run.model_dir, run.h5, out);
   o.max_steps = 5;
   o.per_device_train_batch_size = 2;
   o.gradient_accumulation_steps = 2;
@@ -651,15 +641,7 @@ TrainOptions run_options(const TinyRun& run, const std::string& out) {
   o.logging_steps = 1;
   o.save_steps = 2;
   o.learning_rate = 1e-2;
-  o.lr_scheduler_type = "constant";
-  o.lora_r = 4;
-  o.lora_alpha = 8;
   o.lora_dropout = 0.1;
-  o.lora_target_modules = {"all-linear"};
-  o.progress = "off";
-  o.backend = "fake";
-  o.collective_timeout = 0;
-  o.threads = 1;
   return o;
 }
 

@@ -1,0 +1,47 @@
+// The tiny Llama shape and the in-process training options the libtorch tests share
+// (header-only: tests/test_util.h stays free of libtorch).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/llama.h"
+#include "launch/train_options.h"
+
+namespace dpo::testutil {
+
+/// A 2-layer Llama small enough for exact tests: hidden 32, 4 heads over 2 key/value
+/// heads, MLP 64, initializer_range 0.2 (larger than HF's 0.02, so that logits and the DPO
+/// signal are far from uniform). Tests change the fields their case is about.
+inline LlamaConfig tiny_llama_config(int64_t vocab) {
+  LlamaConfig c;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.vocab_size = vocab;
+  c.initializer_range = 0.2;
+  return c;
+}
+
+/// dpo::train options for a short in-process run on a tiny model: the fake (one-rank)
+/// backend, one thread, no progress line or watchdog, constant learning rate, LoRA r 4 /
+/// alpha 8 on every projection. Tests set the steps, batch and loss they need.
+inline TrainOptions tiny_run_options(const std::string& model_dir, const std::string& train_file,
+                                     const std::string& output_dir) {
+  TrainOptions o;
+  o.model_name_or_path = model_dir;
+  o.train_file = train_file;
+  o.output_dir = output_dir;
+  o.lr_scheduler_type = "constant";
+  o.lora_r = 4;
+  o.lora_alpha = 8;
+  o.lora_target_modules = {"all-linear"};
+  o.progress = "off";
+  o.backend = "fake";
+  o.collective_timeout = 0;
+  o.threads = 1;
+  return o;
+}
+
+}  // namespace dpo::testutil
