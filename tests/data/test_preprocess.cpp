@@ -17,6 +17,7 @@
 #include "data/sources.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_info.h"
+#include "tests/data/sentencepiece_suite.h"
 #include "tests/test_util.h"
 
 namespace dpo {
@@ -25,20 +26,9 @@ namespace {
 using testutil::TempDir;
 using Ids = std::vector<int32_t>;
 
-class PreprocessTest : public ::testing::Test {
+// Independent expectation: sentencepiece directly (enc), bos/eos by hand.
+class PreprocessTest : public testutil::SentencepieceSuite<300> {
  protected:
-  static void SetUpTestSuite() {
-    dir_ = new TempDir("dpo_preprocess");
-    model_ = train_test_tokenizer(dir_->path(), 300);
-    sp_ = new sentencepiece::SentencePieceProcessor();
-    ASSERT_TRUE(sp_->Load(model_).ok());
-  }
-  static void TearDownTestSuite() {
-    delete sp_;
-    delete dir_;
-  }
-  // Independent expectation: sentencepiece directly, bos/eos by hand.
-  static Ids enc(const std::string& s) { return sp_->EncodeAsIds(s); }
   static Ids prompt_ids(const std::string& s) {
     Ids v = {1};
     for (int t : enc(s)) v.push_back(t);
@@ -69,14 +59,7 @@ class PreprocessTest : public ::testing::Test {
     testutil::write_file(tmp_.file(name), content);
     return tmp_.file(name);
   }
-  TempDir tmp_;
-  static TempDir* dir_;
-  static std::string model_;
-  static sentencepiece::SentencePieceProcessor* sp_;
 };
-TempDir* PreprocessTest::dir_ = nullptr;
-std::string PreprocessTest::model_;
-sentencepiece::SentencePieceProcessor* PreprocessTest::sp_ = nullptr;
 
 TEST_F(PreprocessTest, TokenizerReportsLlamaLikeIdsAndFileSha256) {
   Tokenizer tok(model_);

@@ -20,6 +20,7 @@
 #include "data/sources.h"
 #include "data/tokenizer.h"
 #include "tests/data/byte_level_fixture.h"
+#include "tests/data/sentencepiece_suite.h"
 #include "tests/test_util.h"
 
 namespace dpo {
@@ -50,19 +51,8 @@ json case_messages(const std::string& case_name) {
 
 json msg(const char* role, const char* content) { return json{{"role", role}, {"content", content}}; }
 
-class ChatPreprocess : public ::testing::Test {
+class ChatPreprocess : public testutil::SentencepieceSuite<400> {
  protected:
-  static void SetUpTestSuite() {
-    dir_ = new TempDir("dpo_chat_pp");
-    model_ = train_test_tokenizer(dir_->path(), 400);
-    sp_ = new sentencepiece::SentencePieceProcessor();
-    ASSERT_TRUE(sp_->Load(model_).ok());
-  }
-  static void TearDownTestSuite() {
-    delete sp_;
-    delete dir_;
-  }
-  static Ids enc(const std::string& s) { return sp_->EncodeAsIds(s); }
 
   static std::unique_ptr<ChatTemplate> load(const std::string& name) {
     auto t = std::make_unique<ChatTemplate>(testutil::read_file(kFixtures + name));
@@ -105,14 +95,7 @@ class ChatPreprocess : public ::testing::Test {
     return "";
   }
 
-  TempDir tmp_;
-  static TempDir* dir_;
-  static std::string model_;
-  static sentencepiece::SentencePieceProcessor* sp_;
 };
-TempDir* ChatPreprocess::dir_ = nullptr;
-std::string ChatPreprocess::model_;
-sentencepiece::SentencePieceProcessor* ChatPreprocess::sp_ = nullptr;
 
 // Explicit and implicit rows for three real templates: ids are encode() of jinja2's
 // pieces, nothing added, and the two row forms agree.
