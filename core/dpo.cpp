@@ -339,7 +339,8 @@ DpoStepLoss dpo_batch_loss(const Tensor& logits, const Tensor& input_ids, const 
     throw std::runtime_error("dpo_batch_loss: ref_logps must be (2B) = (" + std::to_string(R) +
                              ") summed reference log-probs [chosen; rejected]; got " + shape_str(ref_logps));
   }
-  if (!opts.use_weighting && opts.ld_alpha == 1.0) return dpo_batch_loss(sequence_logps(logits, input_ids, loss_mask), ref_logps, opts);
+  if (!opts.use_weighting && opts.ld_alpha == 1.0)
+    return dpo_batch_loss(sequence_logps(logits, input_ids, loss_mask), ref_logps, opts);
   // WPO / LD-DPO need head_logps's extras: the same log-probs, read at the answer positions.
   const AnswerTargets t = answer_targets(input_ids, loss_mask, logits.size(2));
   return dpo_batch_loss(head_logps(logits, Tensor(), t.position, t.token, t.sequence, t.sequences,
