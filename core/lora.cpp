@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -187,7 +188,11 @@ LoraConfig lora_config_load(const std::string& dir) {
         throw bad("target_modules", "the regular expression " + tm.dump() + " is not supported (give a list)");
       cfg.target_modules = {"all-linear"};
     } else {
-      cfg.target_modules = tm.get<std::vector<std::string>>();
+      // PEFT keeps a list of targets as a set: a name given twice is one target.
+      cfg.target_modules.clear();
+      for (const auto& t : tm.get<std::vector<std::string>>())
+        if (std::find(cfg.target_modules.begin(), cfg.target_modules.end(), t) == cfg.target_modules.end())
+          cfg.target_modules.push_back(t);
     }
     if (j.contains("bias") && j["bias"] != "none") throw bad("bias", j["bias"].dump() + " is not supported (only \"none\")");
     for (const char* k : {"use_dora", "fan_in_fan_out"})

@@ -315,6 +315,12 @@ TEST(LoraPeft, SaveLoadRoundTripAndConfigKeys) {
     EXPECT_EQ(a[i].second->lora_scaling(), b[i].second->lora_scaling());
   }
   EXPECT_EQ(lora_config_load(dir).dropout, 0.05);
+  // A target named twice is one target, as PEFT keeps the list as a set (fuzz finding
+  // tests/fuzz/regressions/adapter_config/duplicate_target_modules_c922e9b8).
+  nlohmann::json j2 = j;
+  j2["target_modules"] = {"v_proj", "q_proj", "v_proj"};
+  std::ofstream(fs::path(dir) / "adapter_config.json") << j2.dump();
+  EXPECT_EQ(lora_config_load(dir).target_modules, (std::vector<std::string>{"v_proj", "q_proj"}));
 }
 
 TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
