@@ -521,17 +521,26 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
     fail(qs_nf4, std::string("invalid JSON: ") + e.what());
   }
   if (!j.is_object()) fail(qs_nf4, "JSON is not an object");
+  // An integer field: a JSON integer that fits int64 (get<int64_t> of a float like 9.2e21
+  // is undefined behaviour: tests/fuzz/regressions/quant_state/nested_blocksize_9e21).
+  auto int_field = [&](const nlohmann::json& v, const std::string& key) -> int64_t {
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
+      fail(qs_nf4, key + " must be an integer, got " + v.dump());
+    return v.get<int64_t>();
+  };
 
   Nf4Tensor t;
   try {
     const std::string qt = j.at("quant_type").get<std::string>();
     if (qt != "nf4") fail(qs_nf4, "quant_type \"" + qt + "\" is not supported; only nf4");
-    t.blocksize = j.at("blocksize").get<int64_t>();
+    t.blocksize = int_field(j.at("blocksize"), "blocksize");
     const std::string dt = j.at("dtype").get<std::string>();
     auto d = weight_dtype_from_name(dt);
     if (!d) fail(qs_nf4, "dtype \"" + dt + "\" is not one of float32, float16, bfloat16");
     t.dtype = *d;
-    t.shape = j.at("shape").get<std::vector<int64_t>>();
+    const nlohmann::json& shape = j.at("shape");
+    if (!shape.is_array()) fail(qs_nf4, "shape must be a list of integers, got " + shape.dump());
+    for (const auto& d : shape) t.shape.push_back(int_field(d, "shape entry"));
   } catch (const nlohmann::json::exception& e) {
     fail(qs_nf4, std::string("bad quant_state field: ") + e.what());
   }
@@ -585,7 +594,7 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
   }
   if (absmax.scalar_type() != torch::kUInt8) fail(w + ".absmax", "must be uint8 with double quantization");
   try {
-    t.nested_blocksize = j.at("nested_blocksize").get<int64_t>();
+    t.nested_blocksize = int_field(j.at("nested_blocksize"), "nested_blocksize");
     const double off = j.at("nested_offset").get<double>();
     // A float32 value in the file (tests/fuzz/regressions/quant_state: 1e300 became inf
     // and every dequantized weight with it).

@@ -337,6 +337,14 @@ TEST(Nf4Bnb, ValidationNamesTheTensor) {
     m["p.weight.absmax"] = torch::ones({5});
     expect_error(m, "p.weight.absmax", "needs 4");
   }
+  // Integer fields must be JSON integers (a float such as 9.2e21 was cast to int64:
+  // undefined behaviour, tests/fuzz/regressions/quant_state/nested_blocksize_9e21).
+  for (const char* bad : {"\"blocksize\": 64.5, \"shape\": [4, 64]", "\"blocksize\": 9223372036854775807256, \"shape\": [4, 64]",
+                          "\"blocksize\": 64, \"shape\": [4, 6.4e1]", "\"blocksize\": 64, \"shape\": 256"}) {
+    auto m = good;
+    m[qs] = json_tensor(std::string("{\"quant_type\": \"nf4\", \"dtype\": \"float32\", ") + bad + "}");
+    expect_error(m, qs, "must be");
+  }
   {
     auto m = good;
     m["p.weight.quant_map"] = torch::linspace(-1, 1, 16);
