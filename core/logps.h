@@ -66,6 +66,15 @@ torch::Tensor average_by_length(const torch::Tensor& logps,          // (R) floa
 torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed log-probs
                              const torch::Tensor& token_counts);  // (R) int64
 
+/// Optional parts of head_logps, off by default (no cost when off).
+struct HeadLogpsOptions {
+  /// (M) weight of each entry in its sequence's sum (LD-DPO: ld_token_weights); the
+  /// gradient of entry i is scaled by it too. Undefined = 1 each.
+  torch::Tensor token_weight;
+  /// Also compute SeqLogps::wpo_logps (one more running sum per position, same exps).
+  bool wpo = false;
+};
+
 /// Log-probs of scored tokens straight from the final hidden states, without ever
 /// building the (positions, V) logits: the hidden rows at `position` go through lm_head
 /// + log-softmax in chunks of ~32 MiB of fp32 logits, and backward recomputes each
@@ -75,15 +84,7 @@ torch::Tensor token_mean_nll(const torch::Tensor& logps,          // (R) summed 
 /// leading dims) and adds it to sequence[i]. With `weight` undefined, `hidden` holds
 /// logits already ((..., V): the full-logits path) and is only read at `position`.
 /// Same statistics as sequence_logps, per sequence: logps (S) fp32, differentiable;
-/// mean_logits (S); token_counts (S).
-/// Optional parts of head_logps, off by default (no cost when off).
-struct HeadLogpsOptions {
-  /// (M) weight of each entry in its sequence's sum (LD-DPO: ld_token_weights); the
-  /// gradient of entry i is scaled by it too. Undefined = 1 each.
-  torch::Tensor token_weight;
-  /// Also compute SeqLogps::wpo_logps (one more running sum per position, same exps).
-  bool wpo = false;
-};
+/// mean_logits (S); token_counts (S); and the extras `extra` asks for.
 SeqLogps head_logps(const torch::Tensor& hidden,    // (..., C) compute dtype, or (..., V) logits
                     const torch::Tensor& weight,    // (V, C) lm_head, or undefined
                     const torch::Tensor& position,  // (M) int64

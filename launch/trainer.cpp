@@ -395,6 +395,7 @@ void Trainer::resume(const std::string& dir) {
   if (d.contains("bco_running_mean")) {  // absent in older checkpoints: bco_pair had no reward mean then
     bco_.reward_sum = d["bco_running_mean"]["reward_sum"].get<double>();
     bco_.count = d["bco_running_mean"]["count"].get<double>();
+    dpo_opts_.bco_delta = bco_.mean();
   }
   // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
   // stopped; with another world size the ranks' streams cannot map one to one, and without
@@ -583,7 +584,6 @@ void Trainer::train_step() {
   DpoMetrics dm;
   SftMetrics sm;
   if (o_.stage == "dpo") {
-    dpo_opts_.bco_delta = bco_.mean();  // bco_pair: the reward mean of the steps before this one
     const double scale = static_cast<double>(world_) / static_cast<double>(plan.global_examples);
     if (global_terms_) {
       dm = step_dpo_global(plan.micro_batches, scale, &tokens);
@@ -625,7 +625,9 @@ void Trainer::train_step() {
                              "); stopped before the optimizer step, no adapter with NaN/Inf was saved. "
                              "Try a lower --learning_rate or --max_grad_norm, or check the data");
   }
+  // bco_pair's reward mean: the next step (and evaluation) shifts by the steps so far.
   bco_.add(gdm.rewards_chosen_sum, gdm.rewards_rejected_sum, gdm.pairs);
+  dpo_opts_.bco_delta = bco_.mean();
   last_lr_ = lr_at(sched_, global_step_);
   opt_->step(last_lr_);
   opt_->zero_grad();

@@ -323,8 +323,6 @@ int main(int argc, char** argv) {
       if (trl_logps.defined()) {
         const torch::Tensor a = first_logps.to(torch::kFloat64), b = trl_logps.to(torch::kFloat64);
         diff = ((a - b).abs() / b.abs().clamp_min(1e-30)).max().item<double>();
-        if (std::getenv("BENCH_STEP_PRINT_LOGPS"))
-          std::printf("%s logps[0] %.9g (trl %.9g)\n", v.name.c_str(), a[0].item<double>(), b[0].item<double>());
       }
       const double gf = total.flops / wall / 1e9;
       std::printf("%-8s %8.2f %7.2f %7.2f %7.2f %9.0f %7.2f %9.1f %5.0f%% %4.0f%% %8.2f %10.1e  %s\n", v.name.c_str(),
