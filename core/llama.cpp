@@ -14,6 +14,7 @@
 #include "core/checkpointing.h"
 #include "core/safetensors.h"
 #include "util/fs.h"
+#include "util/json_int.h"
 #include "util/tensor_str.h"
 
 namespace dpo {
@@ -37,10 +38,8 @@ int64_t get_int(const json& j, const std::string& what, const char* k, std::opti
     field_fail(what, k, "is missing (required for a Llama model)");
   }
   const json& v = j.at(k);
-  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
-    field_fail(what, k, "is too large: " + v.dump());
-  if (v.is_number_integer()) return v.get<int64_t>();
-  field_fail(what, k, "must be an integer, got " + v.dump());
+  if (json_is_int64(v)) return v.get<int64_t>();
+  field_fail(what, k, (v.is_number_integer() ? "is too large: " : "must be an integer, got ") + v.dump());
 }
 
 double get_double(const json& j, const std::string& what, const char* k, std::optional<double> def) {

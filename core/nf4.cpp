@@ -4,6 +4,7 @@
 // the packed bytes and statistics are identical for the same fp32 input.
 #include "core/nf4.h"
 #include "core/nf4_code.h"
+#include "util/json_int.h"
 
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
@@ -524,8 +525,7 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
   // An integer field: a JSON integer that fits int64 (get<int64_t> of a float like 9.2e21
   // is undefined behaviour: tests/fuzz/regressions/quant_state/nested_blocksize_9e21).
   auto int_field = [&](const nlohmann::json& v, const std::string& key) -> int64_t {
-    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
-      fail(qs_nf4, key + " must be an integer, got " + v.dump());
+    if (!json_is_int64(v)) fail(qs_nf4, key + " must be an integer, got " + v.dump());
     return v.get<int64_t>();
   };
 
