@@ -17,8 +17,8 @@ namespace dpo {
 /// dtype. Differentiable in x only (W is frozen).
 torch::Tensor linear4bit_forward(const torch::Tensor& x /* (..., I) */, const Nf4Tensor& w /* (O, I) */);
 
-/// On the CPU in fp32, W is dequantized into a per-thread workspace that grows to
-/// the largest weight seen and stays for the life of the thread (re-faulting fresh
+/// On the CPU in fp32, W is dequantized one block of ~16 MiB of rows at a time into a
+/// per-thread workspace that stays for the life of the thread (re-faulting fresh
 /// pages per matmul costs more than the dequantization).
 
 /// The autograd function behind linear4bit_forward (exposed for tests).
@@ -27,5 +27,10 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grad_out);
 };
+
+namespace detail {
+/// Rows of W per dequantized block on the CPU; 0 = automatic (~16 MiB). For tests.
+void set_linear4bit_rows_per_block(int64_t rows);
+}  // namespace detail
 
 }  // namespace dpo

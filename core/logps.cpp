@@ -173,35 +173,59 @@ inline void exact_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x, 
   sum_x = sx;
 }
 
+// Running log-sum-exp of one row of logits seen chunk by chunk (kChunk logits at a
+// time, in order): chunk max, then the chunk's exp-sum rescaled into a running double
+// sum. The same arithmetic in the same order whether the row arrives whole
+// (fast_lse) or one vocabulary block at a time (head_logps with a weight).
+// finite = false once a chunk holds inf/NaN (the row then needs exact_lse).
+struct LseAcc {
+  double run_max = -std::numeric_limits<double>::infinity(), run_sum = 0.0, run_sq = 0.0, sum_x = 0.0;
+  bool finite = true;
+  // n <= kChunk fp32 logits; with sq also the sum of exp(2 (x - max)) (WPO).
+  void add_chunk(const float* f, int64_t n, bool sq) {
+    if (!finite) return;
+    const float m = chunk_max(f, n);
+    float se, sx, s2 = 0.0f;
+    if (sq) chunk_sums<true>(f, n, m, se, sx, &s2);
+    else chunk_sums(f, n, m, se, sx);
+    if (!std::isfinite(sx)) {  // inf/NaN somewhere in the chunk
+      finite = false;
+      return;
+    }
+    sum_x += sx;
+    if (m > run_max) {
+      const double r = std::exp(run_max - m);
+      run_sum = run_sum * r + se;
+      run_sq = run_sq * r * r + s2;
+      run_max = m;
+    } else {
+      const double r = std::exp(m - run_max);
+      run_sum += se * r;
+      run_sq += s2 * r * r;
+    }
+  }
+  // A contiguous piece of the row, split into kChunk chunks from its start.
+  void add(const float* f, int64_t n, bool sq) {
+    for (int64_t c0 = 0; c0 < n && finite; c0 += kChunk) add_chunk(f + c0, std::min(kChunk, n - c0), sq);
+  }
+  double lse() const { return run_max + std::log(run_sum); }
+  double lse2() const { return 2.0 * run_max + std::log(run_sq); }  // log sum exp(2 x)
+};
+
 // Returns false (and leaves lse unset) when the row holds a non-finite logit.
 // With lse2: also log sum exp(2 x), from the squares of the same exps.
 template <typename scalar_t>
 inline bool fast_lse(const scalar_t* x, int64_t V, double& lse, double& sum_x, double* lse2 = nullptr) {
   float buf[kChunk];
-  double run_max = -std::numeric_limits<double>::infinity(), run_sum = 0.0, run_sq = 0.0, sx_total = 0.0;
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+  LseAcc acc;
+  for (int64_t c0 = 0; c0 < V && acc.finite; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    const float* f = chunk_as_float(x + c0, n, buf);
-    const float m = chunk_max(f, n);
-    float se, sx, sq = 0.0f;
-    if (lse2) chunk_sums<true>(f, n, m, se, sx, &sq);
-    else chunk_sums(f, n, m, se, sx);
-    if (!std::isfinite(sx)) return false;  // inf/NaN somewhere in the chunk
-    sx_total += sx;
-    if (m > run_max) {
-      const double r = std::exp(run_max - m);
-      run_sum = run_sum * r + se;
-      run_sq = run_sq * r * r + sq;
-      run_max = m;
-    } else {
-      const double r = std::exp(m - run_max);
-      run_sum += se * r;
-      run_sq += sq * r * r;
-    }
+    acc.add_chunk(chunk_as_float(x + c0, n, buf), n, lse2 != nullptr);
   }
-  lse = run_max + std::log(run_sum);
-  if (lse2) *lse2 = 2.0 * run_max + std::log(run_sq);
-  sum_x = sx_total;
+  if (!acc.finite) return false;
+  lse = acc.lse();
+  if (lse2) *lse2 = acc.lse2();
+  sum_x = acc.sum_x;
   return true;
 }
 
@@ -438,6 +462,131 @@ Tensor head_chunk(const Tensor& x, const Tensor& w, int64_t m0, int64_t m1) {
   return (logits.scalar_type() == torch::kFloat ? logits : logits.to(torch::kFloat)).contiguous();
 }
 
+// ---- CPU with an lm_head weight: vocabulary blocks --------------------------------
+// A chunk of positions meets the weight one vocabulary block at a time: the block is
+// widened to x's dtype once per pass (a half-precision table stays half in memory:
+// llama_load keeps a bf16/fp16 checkpoint's embeddings and lm_head as they are), its
+// logits (m, Vb) are computed and each position's running LseAcc, target logit and
+// logit sum updated. At most ~32 MiB of fp32 logits and ~32 MiB of widened weight exist
+// at once, whatever V is, and the table is read once per pass instead of once per chunk.
+int64_t g_head_vocab_block = 0;  // > 0: tests force small vocabulary blocks
+struct HeadBlocks {
+  int64_t rows, vocab;  // positions per chunk, vocabulary rows per block
+};
+HeadBlocks head_blocks(int64_t M, int64_t V, int64_t C) {
+  constexpr int64_t kElems = (int64_t{32} << 20) / 4;
+  if (g_head_chunk_rows > 0 || g_head_vocab_block > 0)
+    return {g_head_chunk_rows > 0 ? g_head_chunk_rows : std::max<int64_t>(M, 1),
+            g_head_vocab_block > 0 ? g_head_vocab_block : kChunk};
+  const int64_t rows = std::clamp<int64_t>(M, 1, kElems / kChunk);  // up to 16384 positions at once
+  // A multiple of kChunk, so each row is chunked exactly as fast_lse chunks a whole row.
+  const int64_t vb = std::max<int64_t>(kChunk, std::min(kElems / rows, kElems / std::max<int64_t>(C, 1)) / kChunk * kChunk);
+  return {rows, std::min(vb, std::max<int64_t>(V, 1))};
+}
+
+// Rows [v0, v1) of w in dtype dt: a view when w already is dt, else widened into buf.
+Tensor weight_block(const Tensor& w, int64_t v0, int64_t v1, torch::ScalarType dt, Tensor& buf) {
+  Tensor blk = w.narrow(0, v0, v1 - v0);
+  if (blk.scalar_type() == dt) return blk;
+  if (!buf.defined() || buf.numel() < blk.numel()) buf = torch::empty({blk.numel()}, blk.options().dtype(dt));
+  return buf.narrow(0, 0, blk.numel()).view(blk.sizes()).copy_(blk);
+}
+
+// fp32 logits (m, vb), contiguous, of hidden rows xs against a weight block wb.
+Tensor block_logits(const Tensor& xs, const Tensor& wb) {
+  Tensor lg = at::mm(xs, wb.t());
+  return (lg.scalar_type() == torch::kFloat ? lg : lg.to(torch::kFloat)).contiguous();
+}
+
+struct HeadStats {
+  std::vector<double> lse, logp, sx, lse2;
+  std::vector<uint8_t> exact;
+};
+
+void cpu_blocked_forward(const Tensor& x, const Tensor& w, const int64_t* tg, bool wpo, HeadStats& st) {
+  const int64_t M = x.size(0), V = w.size(0), C = x.size(1);
+  const HeadBlocks hb = head_blocks(M, V, C);
+  std::vector<LseAcc> acc(M);
+  std::vector<double> tlogit(M, 0.0);
+  Tensor buf;
+  for (int64_t m0 = 0; m0 < M; m0 += hb.rows) {
+    const int64_t m1 = std::min(M, m0 + hb.rows);
+    Tensor xs = x.narrow(0, m0, m1 - m0);
+    for (int64_t v0 = 0; v0 < V; v0 += hb.vocab) {
+      const int64_t v1 = std::min(V, v0 + hb.vocab), vb = v1 - v0;
+      Tensor lg = block_logits(xs, weight_block(w, v0, v1, x.scalar_type(), buf));
+      const float* base = lg.data_ptr<float>();
+      at::parallel_for(0, m1 - m0, position_grain(vb), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const float* row = base + i * vb;
+          acc[m0 + i].add(row, vb, wpo);
+          const int64_t t = tg[m0 + i];
+          if (t >= v0 && t < v1) tlogit[m0 + i] = row[t - v0];
+        }
+      });
+    }
+  }
+  std::vector<int64_t> redo;  // rows with a non-finite logit: exact_lse over the whole row
+  for (int64_t i = 0; i < M; ++i) {
+    if (!acc[i].finite) {
+      redo.push_back(i);
+      continue;
+    }
+    st.lse[i] = acc[i].lse();
+    if (wpo) st.lse2[i] = acc[i].lse2();
+    st.sx[i] = acc[i].sum_x;
+    st.logp[i] = tlogit[i] - st.lse[i];
+    st.exact[i] = 0;
+  }
+  const int64_t step = head_chunk_rows(V);
+  for (size_t k0 = 0; k0 < redo.size(); k0 += static_cast<size_t>(step)) {
+    const size_t k1 = std::min(redo.size(), k0 + static_cast<size_t>(step));
+    std::vector<int64_t> idx(redo.begin() + static_cast<std::ptrdiff_t>(k0), redo.begin() + static_cast<std::ptrdiff_t>(k1));
+    Tensor rows = x.index_select(0, to_long_tensor(idx));
+    Tensor full = torch::empty({rows.size(0), V}, torch::kFloat);
+    for (int64_t v0 = 0; v0 < V; v0 += hb.vocab) {
+      const int64_t v1 = std::min(V, v0 + hb.vocab);
+      full.narrow(1, v0, v1 - v0).copy_(block_logits(rows, weight_block(w, v0, v1, x.scalar_type(), buf)));
+    }
+    const float* base = full.data_ptr<float>();
+    for (size_t k = 0; k < idx.size(); ++k) {
+      const int64_t i = idx[k];
+      const float* row = base + static_cast<int64_t>(k) * V;
+      double l = 0.0, s = 0.0;
+      exact_lse(row, V, l, s, wpo ? &st.lse2[i] : nullptr);
+      st.lse[i] = l;
+      st.sx[i] = s;
+      st.logp[i] = static_cast<double>(row[tg[i]]) - l;
+      st.exact[i] = 1;
+    }
+  }
+}
+
+// d logp / d logit_v = [v == target] - softmax_v, times the entry's gradient, for the
+// logits (m, vb) of rows m0.. and vocabulary v0..: in place.
+void dlogits_in_place(float* base, int64_t m, int64_t vb, int64_t m0, int64_t v0, const std::vector<double>& ge,
+                      const double* lse, const int64_t* ex, const int64_t* tg) {
+  at::parallel_for(0, m, position_grain(vb), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* row = base + i * vb;
+      const float g = static_cast<float>(ge[m0 + i]);
+      const float l = static_cast<float>(lse[m0 + i]);
+      const int64_t t = tg[m0 + i] - v0;
+      const bool has_t = t >= 0 && t < vb;
+      const float p_t = has_t ? std::exp(row[t] - l) : 0.0f;
+      if (ex[m0 + i]) {
+        for (int64_t v = 0; v < vb; ++v) row[v] = -g * std::exp(row[v] - l);
+      } else {
+        int64_t v = 0;
+        for (; v + kLanes <= vb; v += kLanes)
+          for (int j = 0; j < kLanes; ++j) row[v + j] = -g * exp_approx(row[v + j] - l);
+        for (; v < vb; ++v) row[v] = -g * exp_approx(row[v] - l);
+      }
+      if (has_t) row[t] = g * (1.0f - p_t);
+    }
+  });
+}
+
 class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
  public:
   // x (M, C) hidden rows (or (M, V) logits when w is empty); w (V, C) or empty (its gradient only when it requires grad);
@@ -449,10 +598,14 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     const int64_t* tg = target.data_ptr<int64_t>();
     const int64_t* sq = seq.data_ptr<int64_t>();
     const double* twp = tw.numel() > 0 ? tw.data_ptr<double>() : nullptr;
-    std::vector<double> lse(M), logp(M), sx(M), lse2(wpo ? M : 0);
-    std::vector<uint8_t> exact(M, 0);
+    HeadStats st{std::vector<double>(M), std::vector<double>(M), std::vector<double>(M),
+                 std::vector<double>(wpo ? M : 0), std::vector<uint8_t>(M, 0)};
+    std::vector<double>&lse = st.lse, &logp = st.logp, &sx = st.sx, &lse2 = st.lse2;
+    std::vector<uint8_t>& exact = st.exact;
+    const bool blocked = x.is_cpu() && w.numel() > 0;
+    if (blocked) cpu_blocked_forward(x, w, tg, wpo, st);
     const int64_t step = head_chunk_rows(V);
-    for (int64_t m0 = 0; m0 < M; m0 += step) {
+    for (int64_t m0 = 0; m0 < (blocked ? 0 : M); m0 += step) {
       const int64_t m1 = std::min(M, m0 + step);
       Tensor lg = head_chunk(x, w, m0, m1);
       if (lg.is_cpu()) {
@@ -547,30 +700,35 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     // Each entry's incoming gradient: its sequence's, times its token weight (LD-DPO).
     std::vector<double> ge(M);
     for (int64_t i = 0; i < M; ++i) ge[i] = (twp ? gr[sq[i]] * twp[i] : gr[sq[i]]) + (gpl ? gpl[sq[i]] : 0.0);
+    if (x.is_cpu() && w.numel() > 0) {
+      // Vocabulary blocks, as the forward: grad_x += dlogits_b @ W_b (accumulated in fp32).
+      const HeadBlocks hb = head_blocks(M, V, x.size(1));
+      Tensor gacc = x.scalar_type() == torch::kFloat ? grad_x : torch::zeros(x.sizes(), x.options().dtype(torch::kFloat));
+      Tensor buf;
+      for (int64_t m0 = 0; m0 < M; m0 += hb.rows) {
+        const int64_t m1 = std::min(M, m0 + hb.rows);
+        Tensor xs = x.narrow(0, m0, m1 - m0);
+        for (int64_t v0 = 0; v0 < V; v0 += hb.vocab) {
+          const int64_t v1 = std::min(V, v0 + hb.vocab);
+          Tensor wb = weight_block(w, v0, v1, x.scalar_type(), buf);
+          Tensor lg = block_logits(xs, wb);
+          dlogits_in_place(lg.data_ptr<float>(), m1 - m0, v1 - v0, m0, v0, ge, lse, ex, tg);
+          Tensor gx = gacc.narrow(0, m0, m1 - m0);
+          if (wb.scalar_type() == torch::kFloat) gx.addmm_(lg, wb);
+          else gx.add_(at::mm(lg.to(wb.scalar_type()), wb).to(torch::kFloat));
+          if (want_w) grad_w.narrow(0, v0, v1 - v0).addmm_(lg.t().to(w.scalar_type()), xs.to(w.scalar_type()));
+        }
+      }
+      if (!gacc.is_same(grad_x)) grad_x.copy_(gacc);
+      return {grad_x, grad_w, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
     const int64_t step = head_chunk_rows(V);
     for (int64_t m0 = 0; m0 < M; m0 += step) {
       const int64_t m1 = std::min(M, m0 + step);
       // d logp / d logit_v = [v == target] - softmax_v, times the sequence's gradient.
       Tensor lg = head_chunk(x, w, m0, m1);
       if (lg.is_cpu()) {
-        float* base = lg.data_ptr<float>();
-        at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            float* row = base + i * V;
-            const float g = static_cast<float>(ge[m0 + i]);
-            const float l = static_cast<float>(lse[m0 + i]);
-            const float p_t = std::exp(row[tg[m0 + i]] - l);
-            if (ex[m0 + i]) {
-              for (int64_t v = 0; v < V; ++v) row[v] = -g * std::exp(row[v] - l);
-            } else {
-              int64_t v = 0;
-              for (; v + kLanes <= V; v += kLanes)
-                for (int j = 0; j < kLanes; ++j) row[v + j] = -g * exp_approx(row[v + j] - l);
-              for (; v < V; ++v) row[v] = -g * exp_approx(row[v] - l);
-            }
-            row[tg[m0 + i]] = g * (1.0f - p_t);
-          }
-        });
+        dlogits_in_place(lg.data_ptr<float>(), m1 - m0, V, m0, 0, ge, lse, ex, tg);
       } else {
         Tensor l = to_double_tensor(std::vector<double>(lse + m0, lse + m1)).to(lg.device(), torch::kFloat);
         Tensor g = to_double_tensor(std::vector<double>(ge.begin() + m0, ge.begin() + m1)).to(lg.device(), torch::kFloat);
@@ -616,6 +774,7 @@ void check_logps_inputs(const Tensor& logits, const Tensor& input_ids, const Ten
 
 namespace detail {
 void set_head_chunk_rows(int64_t rows) { g_head_chunk_rows = rows; }
+void set_head_vocab_block(int64_t rows) { g_head_vocab_block = rows; }
 
 SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Tensor& loss_mask,
                         LogpsKernel kernel) {

@@ -77,7 +77,9 @@ struct HeadLogpsOptions {
 
 /// Log-probs of scored tokens straight from the final hidden states, without ever
 /// building the (positions, V) logits: the hidden rows at `position` go through lm_head
-/// + log-softmax in chunks of ~32 MiB of fp32 logits, and backward recomputes each
+/// + log-softmax in chunks of ~32 MiB of fp32 logits (on the CPU: vocabulary blocks of
+/// the weight, each widened to hidden's dtype once per pass when the weight is stored in
+/// half precision, with a running log-sum-exp per position), and backward recomputes each
 /// chunk (grad w.r.t. hidden, and w.r.t. the weight only when it requires grad: a
 /// modules_to_save lm_head). Entry i scores
 /// token[i] with the logits of hidden row position[i] (a flat index over hidden's
@@ -113,6 +115,9 @@ torch::Tensor ld_token_weights(const torch::Tensor& target_sequence, int64_t seq
 namespace detail {
 /// head_logps's positions per chunk; 0 = automatic (~32 MiB of fp32 logits). For tests.
 void set_head_chunk_rows(int64_t rows);
+/// head_logps's vocabulary rows per block on the CPU with a weight; 0 = automatic
+/// (a multiple of 512 keeping the block's logits and widened weight ~32 MiB). For tests.
+void set_head_vocab_block(int64_t rows);
 /// Which kernel sequence_logps uses: automatic = the CPU loop for contiguous CPU
 /// logits, ATen ops otherwise. Exposed for tests that compare the two.
 enum class LogpsKernel { automatic, cpu_loop, aten };

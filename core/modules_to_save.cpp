@@ -99,6 +99,8 @@ void modules_to_save_load(LlamaModel& model, const std::vector<std::string>& mod
 
 void modules_to_save_merge(LlamaModel& model) {
   torch::NoGradGuard ng;
+  // A half-precision frozen table (llama_table_dtype) would round the trained values.
+  if (model->saved_embed().defined() || model->saved_head().defined()) model->set_table_dtype(model->compute_dtype());
   if (model->saved_embed().defined()) model->model->embed_tokens->weight.copy_(model->saved_embed());
   if (model->saved_head().defined()) {
     if (model->config().tie_word_embeddings) {

@@ -359,28 +359,33 @@ Nf4Tensor nf4_quantize(const torch::Tensor& w, bool double_quant, int64_t blocks
   return t;
 }
 
-void nf4_dequantize_into(const Nf4Tensor& t, float* out) {
+void nf4_dequantize_into(const Nf4Tensor& t, float* out) { nf4_dequantize_range_into(t, 0, t.numel(), out); }
+
+void nf4_dequantize_range_into(const Nf4Tensor& t, int64_t first, int64_t last, float* out) {
   if (t.device().type() != torch::kCPU)
     throw std::runtime_error("nf4_dequantize_into: the NF4 tensor is on " + t.device().str() +
                              "; it writes host memory (use nf4_dequantize for device tensors)");
   check_cpu_layout(t, "nf4_dequantize_into");
   const int64_t n = t.numel();
   const int64_t B = t.blocksize;
-  const int64_t nb = t.nblocks();
+  if (first < 0 || first > last || last > n || first % B != 0 || (last % B != 0 && last != n))
+    throw std::runtime_error("nf4_dequantize_range_into: [" + std::to_string(first) + ", " + std::to_string(last) +
+                             ") is not a range of whole blocks of " + std::to_string(B) + " in " + std::to_string(n));
+  const int64_t b_first = first / B, b_last = (last + B - 1) / B;
   const uint8_t* packed = t.packed.data_ptr<uint8_t>();
   const ScaleReader scale_of(t);
   const PairLut& lut = pair_lut();
   // Outputs larger than the last-level cache are written with streaming stores:
   // no read-for-ownership of lines the matmul will re-read from DRAM anyway.
-  const bool stream = n * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
+  const bool stream = (last - first) * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0 && B % 4 == 0;
-  at::parallel_for(0, nb, std::max<int64_t>(1, kGrainElements / B), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(b_first, b_last, std::max<int64_t>(1, kGrainElements / B), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float s = scale_of(b);
       const int64_t begin = b * B;
       const int64_t count = std::min(B, n - begin);
       const uint8_t* p = packed + begin / 2;
-      float* o = out + begin;
+      float* o = out + (begin - first);
       const int64_t quads = count / 4;  // two bytes -> four floats -> one vector multiply
       const V4f sv = {s, s, s, s};
       if (stream) {

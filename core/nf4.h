@@ -78,6 +78,9 @@ torch::Tensor nf4_dequantize(const Nf4Tensor& t, torch::ScalarType out);
 
 /// Dequantizes a CPU Nf4Tensor into `out` (numel() floats, row-major). Multithreaded.
 void nf4_dequantize_into(const Nf4Tensor& t, float* out);
+/// Elements [begin, end) of the flattened weight into `out` (end - begin floats):
+/// begin a multiple of blocksize, end too or end == numel() (whole quantization blocks).
+void nf4_dequantize_range_into(const Nf4Tensor& t, int64_t begin, int64_t end, float* out);
 
 /// The per-block absmax as fp32 (nb), undoing double quantization if present (CPU).
 torch::Tensor nf4_absmax_f32(const Nf4Tensor& t);

@@ -31,7 +31,7 @@ SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked
   if (chunked)
     return head_logps(h, model->lm_head_weight(), b.target_position, b.target_token, b.target_sequence, b.sequences,
                       extra);
-  torch::Tensor logits = torch::matmul(h, model->lm_head_weight().t()).to(torch::kFloat32);  // (rows, T, V)
+  torch::Tensor logits = model->lm_logits(h);  // (rows, T, V) fp32
   return head_logps(logits, torch::Tensor(), b.target_position, b.target_token, b.target_sequence, b.sequences, extra);
 }
 

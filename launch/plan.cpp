@@ -44,7 +44,9 @@ MemoryEstimate estimate_memory(const LlamaConfig& c, const TrainOptions& o, int6
     m.base_weights = proj_params * static_cast<double>(s);
   }
   const double embed = V * C * (c.tie_word_embeddings ? 1 : 2);
-  m.base_weights += (embed + (2 * L + 1) * C) * static_cast<double>(s);
+  // Embeddings and lm_head keep a half-precision checkpoint's dtype under fp32 compute (llama_table_dtype).
+  const bool half_tables = s == 4 && (c.torch_dtype == torch::kBFloat16 || c.torch_dtype == torch::kFloat16);
+  m.base_weights += embed * (half_tables ? 2.0 : static_cast<double>(s)) + (2 * L + 1) * C * static_cast<double>(s);
   // LoRA: r * (in + out) per targeted projection per layer; fp32 value, grad, m, v
   LoraConfig lc;
   lc.target_modules = o.lora_target_modules;

@@ -55,6 +55,9 @@ void add_train_options(Cli& c) {
   c.add_int("max_steps", -1, "optimizer steps (> 0 overrides num_train_epochs)");
   c.add_double("num_train_epochs", 1.0, "epochs when max_steps <= 0");
   c.add_bool("gradient_checkpointing", false, "recompute each decoder layer in backward");
+  c.add_int("tiled_mlp_tokens", 0,
+            "run each decoder MLP in tiles of N tokens, recomputed in backward: (N, F) instead of (T, F) "
+            "activations for one more MLP forward per layer (long rows on a tight memory budget; 0 = off)");
   c.add_int("seed", 42, "seed of LoRA init, data order and dropout");
   c.add_int("lora_r", 8, "LoRA rank");
   c.add_double("lora_alpha", 16, "LoRA alpha (scaling alpha/r)");
@@ -163,6 +166,7 @@ TrainOptions train_options_from(const Cli& c) {
   o.max_steps = c.get_int("max_steps");
   o.num_train_epochs = c.get_double("num_train_epochs");
   o.gradient_checkpointing = c.get_bool("gradient_checkpointing");
+  o.tiled_mlp_tokens = c.get_int("tiled_mlp_tokens");
   o.seed = c.get_int("seed");
   o.lora_r = c.get_int("lora_r");
   o.lora_alpha = c.get_double("lora_alpha");
@@ -216,6 +220,7 @@ TrainOptions train_options_from(const Cli& c) {
   require(o.gradient_accumulation_steps >= 1, "option --gradient_accumulation_steps must be >= 1");
   require(o.max_steps > 0 || o.num_train_epochs > 0, "set --max_steps > 0 or --num_train_epochs > 0");
   require(o.lora_r >= 1, "option --lora_r must be >= 1");
+  require(o.tiled_mlp_tokens >= 0, "option --tiled_mlp_tokens must be >= 0 (0 = off)");
   require(o.lora_alpha > 0, "option --lora_alpha must be > 0");
   require(o.lora_dropout >= 0 && o.lora_dropout < 1, "option --lora_dropout must be in [0, 1)");
   require(!o.lora_target_modules.empty(), "option --lora_target_modules is empty");

@@ -49,6 +49,7 @@ struct TrainOptions {
   int64_t max_steps = -1;
   double num_train_epochs = 1.0;
   bool gradient_checkpointing = false;
+  int64_t tiled_mlp_tokens = 0;  // > 0: each MLP in token tiles, recomputed in backward (0 = off)
   int64_t seed = 42;
   // lora
   int64_t lora_r = 8;

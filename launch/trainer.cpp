@@ -198,6 +198,7 @@ void Trainer::setup() {
   lora_cfg_.ensure_weight_tying = !o_.modules_to_save.empty() && m_.model->config().tie_word_embeddings;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
+  m_.model->set_mlp_tile_tokens(o_.tiled_mlp_tokens);
   // The chunked attention kernel with the packed path; the plain path stays TRL's.
   m_.model->set_attention_kernel(o_.padding_free || o_.prefix_sharing ? AttentionKernel::kChunked
                                                                       : AttentionKernel::kDense);

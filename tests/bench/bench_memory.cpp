@@ -12,7 +12,8 @@
 // process peak (getrusage ru_maxrss). docs/benchmarks.md has results.
 //
 // Usage: bench_memory [--preset llama2-7b|llama3-8b] [--layers 32] [--threads 0] [--prompt 512] [--answer 512]
-//                     [--path optimized|trl] [--double_quant]
+//                     [--path optimized|trl] [--double_quant] [--torch_dtype float16|bfloat16|float32]
+//                     [--tiled_mlp_tokens N]
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -108,7 +109,11 @@ int main(int argc, char** argv) {
     cli.add_int("threads", 0, "compute threads (0 = all cores)");
     cli.add_bool("double_quant", true, "double-quantize the NF4 absmax (as configs/llama2-7b-*.ini)");
     cli.add_bool("checkpointing", true, "gradient checkpointing of the decoder layers");
+    cli.add_int("tiled_mlp_tokens", 0, "the MLP in tiles of N tokens, recomputed in backward (dpo_dist --tiled_mlp_tokens; 0 = off)");
     cli.add_int("seed", 0, "seed of the weights and tokens");
+    cli.add_string("torch_dtype", "",
+                   "the checkpoint's dtype (config.json torch_dtype; the embeddings and lm_head keep it under fp32 "
+                   "compute): float16 | bfloat16 | float32; default: the preset's (Llama-2-7b-hf float16, Llama-3-8B bfloat16)");
     if (!cli.parse(argc, argv)) return 0;
     reset_hwm();
 
@@ -129,6 +134,11 @@ int main(int argc, char** argv) {
     cfg.max_position_embeddings = 8192;
     cfg.rms_norm_eps = 1e-5;
     cfg.pad_token_id = 0;
+    const std::string tdt = cli.get_string("torch_dtype").empty() ? (llama3 ? "bfloat16" : "float16") : cli.get_string("torch_dtype");
+    if (tdt == "float16") cfg.torch_dtype = torch::kFloat16;
+    else if (tdt == "bfloat16") cfg.torch_dtype = torch::kBFloat16;
+    else if (tdt == "float32") cfg.torch_dtype = torch::kFloat32;
+    else throw dpo::CliError("--torch_dtype: float16, bfloat16 or float32");
     const int64_t prompt_len = cli.get_int("prompt"), answer = cli.get_int("answer");
     if (prompt_len <= 0 || answer <= 0) throw dpo::CliError("--prompt and --answer must be positive");
     if (path == "optimized") {
@@ -163,6 +173,7 @@ int main(int argc, char** argv) {
     lcfg.target_modules = {"q_proj", "v_proj"};
     const int64_t adapted = dpo::lora_attach(named, lcfg, 1);
     model->set_gradient_checkpointing(cli.get_bool("checkpointing"));
+    model->set_mlp_tile_tokens(cli.get_int("tiled_mlp_tokens"));
     model->train();
     int64_t nf4_bytes = 0, lora_params = 0;
     for (auto& [name, p] : named) nf4_bytes += p->nf4_weight().nbytes();
@@ -172,7 +183,8 @@ int main(int argc, char** argv) {
       if (!t.requires_grad()) table_bytes += t.numel() * static_cast<int64_t>(t.element_size());
     std::printf("NF4 projection weights (sum of Nf4Tensor::nbytes): %.3f GB (%.3f bits/param)\n", gb(nf4_bytes),
                 8.0 * nf4_bytes / proj_params);
-    std::printf("embeddings + lm_head + norms (fp32, frozen):        %.3f GB\n", gb(table_bytes));
+    std::printf("embeddings + lm_head (%s) + norms (fp32), frozen: %.3f GB\n",
+                c10::toString(model->model->embed_tokens->weight.scalar_type()), gb(table_bytes));
     std::printf("LoRA: %lld adapted projections, %lld trainable parameters (%.1f MB fp32)\n", (long long)adapted,
                 (long long)lora_params, lora_params * 4 / 1e6);
     report("build (llama_init_random + LoRA)", now_s() - t0);

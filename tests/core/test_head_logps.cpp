@@ -59,10 +59,17 @@ HeadCase random_case(uint64_t seed, int64_t R, int64_t T, int64_t C, int64_t V, 
   return c;
 }
 
-class HeadLogps : public ::testing::TestWithParam<int64_t> {
+// (positions per chunk, vocabulary rows per block); 0 = automatic.
+class HeadLogps : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {
  protected:
-  void SetUp() override { dpo::detail::set_head_chunk_rows(GetParam()); }
-  void TearDown() override { dpo::detail::set_head_chunk_rows(0); }
+  void SetUp() override {
+    dpo::detail::set_head_chunk_rows(GetParam().first);
+    dpo::detail::set_head_vocab_block(GetParam().second);
+  }
+  void TearDown() override {
+    dpo::detail::set_head_chunk_rows(0);
+    dpo::detail::set_head_vocab_block(0);
+  }
 };
 
 TEST_P(HeadLogps, EqualsSequenceLogpsOfFullLogitsWithGradients) {
@@ -135,7 +142,47 @@ TEST_P(HeadLogps, TokenWeightsAndWpoStatisticMatchLogSoftmax) {
   EXPECT_LT(rel_err(plain.logps, unweighted), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(ChunkRows, HeadLogps, ::testing::Values(0, 1, 3, 7));
+// A frozen lm_head kept in bf16/fp16 under fp32 hidden states (llama_table_dtype) gives
+// what its fp32 widening gives: values, WPO statistic, gradients; and a row with a -inf
+// logit (a masked vocabulary entry) still takes the exact path block by block.
+TEST_P(HeadLogps, HalfPrecisionWeightEqualsItsWidening) {
+  const int64_t R = 3, T = 10, C = 16, V = 700;
+  for (torch::ScalarType dt : {torch::kBFloat16, torch::kFloat16}) {
+    auto [h, w32, ids, mask] = random_case(8, R, T, C, V, 0.6, 3);
+    Tensor w = w32.to(dt);
+    Tensor h1 = h.detach().clone().requires_grad_(true), h2 = h.detach().clone().requires_grad_(true);
+    Targets tg = targets_of(ids, mask);
+    dpo::HeadLogpsOptions extra;
+    extra.wpo = true;
+    Tensor g = torch::randn({R});
+    dpo::SeqLogps got = dpo::head_logps(h1, w, tg.pos, tg.tok, tg.seq, R, extra);
+    dpo::SeqLogps want = dpo::head_logps(h2, w.to(torch::kFloat), tg.pos, tg.tok, tg.seq, R, extra);
+    EXPECT_EQ(w.scalar_type(), dt);  // not widened in place
+    EXPECT_LT(rel_err(got.logps, want.logps), 1e-6) << c10::toString(dt);
+    EXPECT_LT(rel_err(got.mean_logits, want.mean_logits), 1e-6);
+    EXPECT_LT(rel_err(got.wpo_logps, want.wpo_logps), 1e-6);
+    Tensor gh1 = torch::autograd::grad({(got.logps * g).sum()}, {h1})[0];
+    Tensor gh2 = torch::autograd::grad({(want.logps * g).sum()}, {h2})[0];
+    EXPECT_LT(rel_err(gh1, gh2), 1e-5);
+
+    // Vocabulary entry 7 masked (-inf weight, column 0 of hidden > 0): logit 7 is -inf
+    // at every position; each row is redone exactly and matches log_softmax in double.
+    w[7][0] = -std::numeric_limits<float>::infinity();
+    Tensor hd = h.detach().clone();
+    hd.select(2, 0).abs_().add_(0.1);
+    dpo::SeqLogps masked = dpo::head_logps(hd, w, tg.pos, tg.tok, tg.seq, R, extra);
+    Tensor lsm = torch::log_softmax(torch::matmul(hd, w.to(torch::kFloat).t()).reshape({R * T, V}).to(torch::kDouble), -1);
+    Tensor lp = lsm.index_select(0, tg.pos).gather(1, tg.tok.unsqueeze(1)).squeeze(1);
+    Tensor want_lp = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp);
+    EXPECT_TRUE(torch::isfinite(masked.logps).all().item<bool>());
+    EXPECT_LT(rel_err(masked.logps, want_lp), 1e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ChunkRows, HeadLogps,
+                         ::testing::Values(std::pair<int64_t, int64_t>{0, 0}, std::pair<int64_t, int64_t>{1, 0},
+                                           std::pair<int64_t, int64_t>{3, 64}, std::pair<int64_t, int64_t>{7, 100},
+                                           std::pair<int64_t, int64_t>{0, 9}));
 
 // A row with a -inf logit (a masked vocabulary entry) takes the exact two-pass path:
 // its WPO statistic is exact too; fp64 logits as input (read through fp32 chunks).

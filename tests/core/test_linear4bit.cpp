@@ -34,6 +34,34 @@ TEST(Linear4bit, GradInputIsGradOutTimesDequantizedWeight) {
   }
 }
 
+// The CPU path dequantizes W a block of rows at a time (~16 MiB; forced to 1, 3 or 7 of
+// 10 rows here, a ragged last block included): forward and grad_x equal the one-block
+// products, with and without double quantization; dequantizing a range of whole
+// quantization blocks gives that slice of the full dequantization.
+TEST(Linear4bit, BlocksOfRowsEqualTheWholeWeight) {
+  torch::manual_seed(4);
+  for (bool dq : {false, true}) {
+    const Nf4Tensor w = nf4_quantize(torch::randn({10, 128}), dq);
+    const torch::Tensor wd = nf4_dequantize(w, torch::kFloat32);
+    std::vector<float> part(3 * 128);
+    nf4_dequantize_range_into(w, 2 * 128, 5 * 128, part.data());
+    EXPECT_TRUE(torch::equal(torch::from_blob(part.data(), {3, 128}), wd.narrow(0, 2, 3)));
+    EXPECT_THROW(nf4_dequantize_range_into(w, 32, 128, part.data()), std::runtime_error);  // not whole blocks
+    const torch::Tensor x = torch::randn({2, 6, 128});
+    const torch::Tensor g = torch::randn({2, 6, 10});
+    for (int64_t rows : {1, 3, 7}) {
+      detail::set_linear4bit_rows_per_block(rows);
+      torch::Tensor xi = x.clone().requires_grad_(true);
+      torch::Tensor y = linear4bit_forward(xi, w);
+      y.backward(g);
+      detail::set_linear4bit_rows_per_block(0);
+      EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 6, 10}));
+      EXPECT_TRUE(torch::allclose(y, torch::matmul(x, wd.t()), 1e-6, 1e-6)) << rows;
+      EXPECT_TRUE(torch::allclose(xi.grad(), torch::matmul(g, wd), 1e-5, 1e-5)) << rows;
+    }
+  }
+}
+
 TEST(Linear4bit, GradInputMatchesFiniteDifferences) {
   torch::manual_seed(3);
   const Nf4Tensor w = nf4_quantize(torch::randn({6, 64}), true);

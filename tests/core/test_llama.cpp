@@ -24,6 +24,7 @@
 
 #include "core/checkpointing.h"
 #include "core/llama.h"
+#include "core/lora.h"
 #include "core/safetensors.h"
 #include "tests/test_util.h"
 
@@ -537,7 +538,11 @@ TEST(LlamaLoad, StoredHalfAndBfloat16Weights) {
     write_model(dir.str(), cfg, w, dt);
     dpo::LlamaModel m = dpo::llama_load(dir.str(), dpo::QuantOptions{});
     EXPECT_EQ(m->config().torch_dtype, dt);
-    EXPECT_EQ(m->model->embed_tokens->weight.scalar_type(), torch::kFloat32);  // compute dtype
+    // The embedding / lm_head tables stay in the file's half precision (llama_table_dtype),
+    // the norms are in the compute dtype.
+    EXPECT_EQ(m->model->embed_tokens->weight.scalar_type(), dt);
+    if (m->lm_head) EXPECT_EQ(m->lm_head->weight.scalar_type(), dt);
+    EXPECT_EQ(m->model->norm->weight.scalar_type(), torch::kFloat32);
     std::vector<std::vector<int64_t>> seqs = {tokens_of(7, s.V, 9)};
     torch::Tensor logits = m->forward(ids_tensor(seqs, 7), mask_tensor(seqs, 7));
     // Exact to the rounded weights; clearly off from the unrounded ones for bf16.
@@ -867,6 +872,121 @@ TEST(LlamaInit, DeterministicHfInit) {
   EXPECT_EQ(pra[13].first, "model.layers.1.mlp.down_proj");
   EXPECT_EQ(pra[1].first, "model.layers.0.self_attn.k_proj");
   EXPECT_EQ(pra[1].second->out_features(), 2 * 8);
+}
+
+// The MLP's SwiGLU keeps only gate and up for backward and writes its gradients into
+// their buffers: the input gradient must be bit-identical to autograd's silu * mul, for
+// dense and NF4 bases.
+TEST(LlamaMlp, FusedSwigluGradientsAreAutogradsExactly) {
+  dpo::LlamaConfig c = dpo::llama_config_from_json(config_json(Spec{}));
+  for (bool nf4 : {false, true}) {
+    torch::manual_seed(12);
+    dpo::LlamaMLP mlp(c);
+    dpo::QuantOptions q;
+    q.load_in_4bit = nf4;
+    for (dpo::FrozenLinear* p : {&mlp->gate_proj, &mlp->up_proj, &mlp->down_proj})
+      (*p)->set_weight(torch::randn({(*p)->out_features(), (*p)->in_features()}) * 0.2, q);
+    torch::Tensor x = torch::randn({2, 5, c.hidden_size});
+    torch::Tensor g = torch::randn({2, 5, c.hidden_size});
+    torch::Tensor x1 = x.clone().requires_grad_(true), x2 = x.clone().requires_grad_(true);
+    torch::Tensor y1 = mlp->forward(x1);
+    torch::Tensor y2 = mlp->down_proj(torch::silu(mlp->gate_proj(x2)) * mlp->up_proj(x2));
+    EXPECT_TRUE(torch::equal(y1, y2));
+    y1.backward(g);
+    y2.backward(g);
+    EXPECT_TRUE(torch::equal(x1.grad(), x2.grad())) << (nf4 ? "nf4" : "dense");
+    torch::NoGradGuard ng;
+    EXPECT_TRUE(torch::equal(mlp->forward(x), y2));
+  }
+}
+
+// --tiled_mlp_tokens: the MLP in token tiles, each recomputed in backward (nested
+// inside the layer checkpoint, or alone) computes the same logits and the same LoRA
+// (all seven projections) and input gradients as the whole MLP.
+TEST(LlamaMlp, TokenTilesGiveTheWholeMlpsValuesAndGradients) {
+  Spec s;
+  s.K = 2;
+  dpo::LlamaConfig cfg = dpo::llama_config_from_json(config_json(s));
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(9, s.V, 5), tokens_of(7, s.V, 6)};
+  torch::Tensor ids = ids_tensor(seqs, 9), mask = mask_tensor(seqs, 9);
+  torch::manual_seed(3);
+  torch::Tensor g = torch::randn({2, 9, s.V});
+  auto run = [&](bool ckpt, int64_t tile, torch::Tensor* logits) {
+    dpo::LlamaModel m = dpo::llama_init_random(cfg, 21, dpo::QuantOptions{});
+    auto named = m->named_projections();
+    dpo::LoraConfig lc;
+    lc.r = 4;
+    lc.dropout = 0.0;  // tiles draw their own dropout masks; without dropout the function is the same
+    lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    dpo::lora_attach(named, lc, 7);
+    torch::manual_seed(4);
+    for (auto& [k, t] : dpo::lora_parameters(named)) {
+      torch::NoGradGuard ng;
+      t.normal_(0.0, 0.1);  // lora_B non-zero: every adapter gets a gradient
+    }
+    m->set_gradient_checkpointing(ckpt);
+    m->set_mlp_tile_tokens(tile);
+    m->train();
+    *logits = m->forward(ids, mask);
+    (*logits * g).sum().backward();
+    std::vector<torch::Tensor> grads;
+    for (auto& [k, t] : dpo::lora_parameters(named)) grads.push_back(t.grad().clone());
+    return grads;
+  };
+  torch::Tensor want_logits;
+  const auto want = run(false, 0, &want_logits);
+  for (bool ckpt : {false, true})
+    for (int64_t tile : {1, 4, 7, 100}) {
+      torch::Tensor logits;
+      const auto got = run(ckpt, tile, &logits);
+      EXPECT_TRUE(torch::allclose(logits, want_logits, 1e-6, 1e-6)) << ckpt << " " << tile;
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i)
+        // Tiles sum the LoRA gradients over tokens in another order: fp32 rounding only.
+        EXPECT_LE((got[i] - want[i]).abs().max().item<double>(), 1e-5 * want[i].abs().max().item<double>())
+            << "ckpt " << ckpt << " tile " << tile << " #" << i;
+    }
+  dpo::LlamaModel m = dpo::llama_init_random(cfg, 21, dpo::QuantOptions{});
+  EXPECT_THROW(m->set_mlp_tile_tokens(-1), std::runtime_error);
+}
+
+// config.json torch_dtype bf16 under fp32 compute: the embedding and lm_head tables are
+// kept in bf16 (llama_table_dtype), drawn in blocks of rows from the same stream as the
+// fp32 model's (so they are its tables rounded), and the model computes what the fp32
+// model computes with those rounded tables.
+TEST(LlamaInit, HalfPrecisionTablesAreTheFp32DrawRounded) {
+  Spec s;
+  s.L = 1, s.C = 128, s.H = 4, s.K = 4, s.F = 64, s.V = 70001;  // 2+ blocks of rows, a ragged last one
+  dpo::LlamaConfig c32 = dpo::llama_config_from_json(config_json(s));
+  c32.pad_token_id = 5;
+  dpo::LlamaConfig c16 = c32;
+  c16.torch_dtype = torch::kBFloat16;
+  EXPECT_EQ(dpo::llama_table_dtype(torch::kBFloat16, torch::kFloat32), torch::kBFloat16);
+  EXPECT_EQ(dpo::llama_table_dtype(torch::kFloat16, torch::kBFloat16), torch::kBFloat16);
+  EXPECT_EQ(dpo::llama_table_dtype(torch::kFloat32, torch::kFloat32), torch::kFloat32);
+  dpo::LlamaModel a = dpo::llama_init_random(c32, 9, dpo::QuantOptions{});
+  dpo::LlamaModel b = dpo::llama_init_random(c16, 9, dpo::QuantOptions{});
+  ASSERT_EQ(b->model->embed_tokens->weight.scalar_type(), torch::kBFloat16);
+  ASSERT_EQ(b->lm_head->weight.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(b->model->norm->weight.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::equal(b->model->embed_tokens->weight, a->model->embed_tokens->weight.to(torch::kBFloat16)));
+  EXPECT_TRUE(torch::equal(b->lm_head->weight, a->lm_head->weight.to(torch::kBFloat16)));
+  EXPECT_TRUE(torch::equal(b->model->embed_tokens->weight[5].to(torch::kFloat), torch::zeros({s.C})));
+  auto pa = a->named_projections(), pb = b->named_projections();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i].second->dense_weight(), pb[i].second->dense_weight()));
+  {
+    torch::NoGradGuard ng;
+    a->model->embed_tokens->weight.copy_(b->model->embed_tokens->weight);
+    a->lm_head->weight.copy_(b->lm_head->weight);
+  }
+  std::vector<std::vector<int64_t>> seqs = {tokens_of(9, s.V, 3), tokens_of(9, s.V, 4)};
+  torch::Tensor ids = ids_tensor(seqs, 9), mask = mask_tensor(seqs, 9);
+  torch::Tensor la = a->forward(ids, mask), lb = b->forward(ids, mask);
+  EXPECT_EQ(lb.scalar_type(), torch::kFloat32);
+  EXPECT_LT((lb - la).abs().max().item<double>(), 1e-5 * la.abs().max().item<double>());
+  // Widened back for a device or a merge: the same values in the compute dtype.
+  b->set_table_dtype(torch::kFloat32);
+  EXPECT_TRUE(torch::equal(b->lm_head->weight, a->lm_head->weight));
 }
 
 TEST(LlamaSave, RoundTripSingleShardedAndDtypes) {

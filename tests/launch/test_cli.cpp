@@ -183,6 +183,9 @@ TEST(TrainOptions, ValidatesAcrossFields) {
   EXPECT_EQ(o.lora_target_modules, std::vector<std::string>{"all-linear"});
   EXPECT_TRUE(o.gradient_checkpointing);
   EXPECT_TRUE(o.load_in_4bit);
+  EXPECT_EQ(o.tiled_mlp_tokens, 0);
+  EXPECT_EQ(parse({"--tiled_mlp_tokens", "256"}).tiled_mlp_tokens, 256);
+  EXPECT_THROW(parse({"--tiled_mlp_tokens", "-1"}), CliError);
   EXPECT_THROW(parse({"--loss_type", "kto"}), CliError);
   EXPECT_THROW(parse({"--label_smoothing", "0.5"}), CliError);
   EXPECT_THROW(parse({"--per_device_train_batch_size", "0"}), CliError);

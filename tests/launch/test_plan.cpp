@@ -38,11 +38,16 @@ TEST(DryRun, MemoryEstimateOfLlama2_7bShapes) {
   const MemoryEstimate m = estimate_memory(c, o, /*rows=*/8, /*T=*/1024, /*compute_bytes=*/4);
   // 32 layers x (4 x 4096^2 + 3 x 4096 x 11008) = 6,476,005,376 quantized weights:
   // 4 bits each, one 8-bit absmax per 64, one fp32 per 256 blocks;
-  // + embed_tokens and lm_head (2 x 32000 x 4096) and 65 norms of 4096, in fp32.
+  // + embed_tokens and lm_head (2 x 32000 x 4096) in the checkpoint's float16 (kept so
+  // under fp32 compute: llama_table_dtype) and 65 norms of 4096 in fp32.
   const double q = 6476005376.0;
-  const double want_base = q / 2 + q / 64 + q / 64 / 256 * 4 + (2 * 32000.0 * 4096 + 65 * 4096.0) * 4;
+  const double want_base = q / 2 + q / 64 + q / 64 / 256 * 4 + 2 * 32000.0 * 4096 * 2 + 65 * 4096.0 * 4;
   EXPECT_NEAR(m.base_weights, want_base, 1.0);
-  EXPECT_NEAR(m.base_weights, 4.39e9, 0.01e9);
+  EXPECT_NEAR(m.base_weights, 3.87e9, 0.01e9);
+  // A float32 checkpoint keeps fp32 tables: 2 x 32000 x 4096 x 2 bytes more.
+  LlamaConfig c32 = c;
+  c32.torch_dtype = torch::kFloat32;
+  EXPECT_NEAR(estimate_memory(c32, o, 8, 1024, 4).base_weights - m.base_weights, 2 * 32000.0 * 4096 * 2, 1.0);
   // LoRA r 8 on q, k, v: 32 x 3 x 8 x (4096 + 4096) = 6,291,456 parameters (PEFT's count).
   EXPECT_EQ(m.lora_parameters, 6291456);
   EXPECT_DOUBLE_EQ(m.adapters, 6291456.0 * 16);
