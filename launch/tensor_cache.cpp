@@ -70,6 +70,7 @@ class TensorCache final : public c10::Allocator {
     const size_t want = (n + kPage - 1) / kPage * kPage;
     std::vector<Block> drop;
     Block got{nullptr, 0};
+    size_t live_add = want;  // a hit keeps its block's size
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Best fit within 1/8 of the request (the same shape, or a slightly longer batch).
@@ -82,23 +83,57 @@ class TensorCache final : public c10::Allocator {
         got = free_[best];
         free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
         stats_.cached_bytes -= static_cast<int64_t>(got.bytes);
+        live_add = got.bytes;
         ++stats_.hits;
       } else {
-        // Unmap the oldest cached blocks worth the request first, so that resident
-        // memory (live + cached) does not grow while the cache holds enough.
+        ++stats_.misses;
+        // The donor: the smallest cached block above the request (cut to size), else
+        // the largest below it (grown); -1 = none cached.
+        std::ptrdiff_t donor = -1;
+        for (size_t i = 0; i < free_.size(); ++i) {
+          const size_t b = free_[i].bytes;
+          if (donor < 0) {
+            donor = static_cast<std::ptrdiff_t>(i);
+            continue;
+          }
+          const size_t d = free_[static_cast<size_t>(donor)].bytes;
+          const bool better = b >= want ? (d < want || b < d) : (d < want && b > d);
+          if (better) donor = static_cast<std::ptrdiff_t>(i);
+        }
+        if (donor >= 0) {
+          got = free_[static_cast<size_t>(donor)];
+          free_.erase(free_.begin() + donor);
+          stats_.cached_bytes -= static_cast<int64_t>(got.bytes);
+          ++stats_.resized;
+        }
+        // Unmap the oldest cached blocks worth what the request adds first, so that
+        // resident memory (live + cached) does not grow while the cache holds enough.
+        const size_t adds = want > got.bytes ? want - got.bytes : 0;
         size_t freed = 0, k = 0;
-        while (k < free_.size() && freed < want) freed += free_[k++].bytes;
+        while (k < free_.size() && freed < adds) freed += free_[k++].bytes;
         drop.assign(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(k));
         free_.erase(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(k));
         stats_.cached_bytes -= static_cast<int64_t>(freed);
         stats_.evictions += static_cast<int64_t>(k);
-        ++stats_.misses;
       }
-      stats_.live_bytes += static_cast<int64_t>(got.ptr ? got.bytes : want);
+      stats_.live_bytes += static_cast<int64_t>(live_add);
       stats_.peak_live_bytes = std::max(stats_.peak_live_bytes, stats_.live_bytes);
       stats_.peak_mapped_bytes = std::max(stats_.peak_mapped_bytes, stats_.live_bytes + stats_.cached_bytes);
     }
     for (const Block& b : drop) ::munmap(b.ptr, b.bytes);
+    if (got.ptr && got.bytes > want + want / 8) {
+      ::munmap(static_cast<char*>(got.ptr) + want, got.bytes - want);  // cut: the head stays resident
+      got.bytes = want;
+    } else if (got.ptr && got.bytes < want) {
+      void* p = ::mremap(got.ptr, got.bytes, want, MREMAP_MAYMOVE);  // grow: its pages move along
+      if (p == MAP_FAILED) {
+        ::munmap(got.ptr, got.bytes);
+        got = Block{nullptr, 0};
+      } else {
+        if (want >= kHugePage) ::madvise(p, want, MADV_HUGEPAGE);
+        got = Block{p, want};
+      }
+    }
     if (!got.ptr) {
       void* p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) {

@@ -8,8 +8,14 @@
 // A step allocates the same sizes again and again (layer after layer, step after step),
 // so freed blocks are kept mapped and handed out again.
 //
+// A request that no cached block fits (within 1/8 of its size) resizes the cached block
+// nearest in size instead of mapping fresh memory: a larger one is cut to the request
+// (its tail unmapped; no page of the rest faults again), a smaller one grows with
+// mremap (its pages move with it; only the added pages fault in). Step lengths vary
+// (every batch has other sequence lengths), so most misses of a step are of this kind.
+//
 // Peak-memory rule: a request that no cached block fits first unmaps cached blocks
-// (least recently freed first) worth at least the request before mapping a new one.
+// (least recently freed first) worth at least the memory it adds before mapping it.
 // Resident memory (live tensors + cache) therefore grows only when the cache is empty,
 // i.e. the peak RSS is at most the peak of live tensors (+ the 1/8 size tolerance of a
 // reused block): the cache never raises the peak that the plain mmap policy has.
@@ -23,7 +29,8 @@ namespace dpo {
 
 struct TensorCacheStats {
   int64_t hits = 0;            // large allocations served from the cache
-  int64_t misses = 0;          // large allocations that mapped new memory
+  int64_t misses = 0;          // large allocations that no cached block fitted
+  int64_t resized = 0;         // misses served by resizing a cached block (only added pages fault in)
   int64_t evictions = 0;       // cached blocks unmapped to make room
   int64_t cached_bytes = 0;    // bytes mapped and free in the cache now
   int64_t live_bytes = 0;      // bytes of large blocks in use now

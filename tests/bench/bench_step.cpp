@@ -332,8 +332,8 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
     auto st = dpo::tensor_cache_stats();
-    std::printf("tensor cache: %lld hits, %lld misses, %lld evictions\n", (long long)st.hits, (long long)st.misses,
-                (long long)st.evictions);
+    std::printf("tensor cache: %lld hits, %lld misses (%lld served by resizing a cached block), %lld evictions\n",
+                (long long)st.hits, (long long)st.misses, (long long)st.resized, (long long)st.evictions);
     return 0;
   });
 }

@@ -211,11 +211,25 @@ TEST(TensorCache, ReusesFreedBlocksAndNeverRaisesThePeak) {
     EXPECT_EQ(dpo::tensor_cache_stats().misses - s1.misses, 1);
   }
   {
-    // 16 MiB: 16 MiB of cached blocks (4 + 12) are unmapped before mapping the new one.
-    torch::Tensor d = torch::empty({4 << 20});
+    // 16 MiB: the 12 MiB block grows by 4 MiB (mremap: its pages move along), after the
+    // 4 MiB block is unmapped to make room for what the growth adds.
+    torch::Tensor d = torch::full({4 << 20}, 3.0f);
     const auto s2 = dpo::tensor_cache_stats();
     EXPECT_EQ(s2.cached_bytes, 0);
-    EXPECT_EQ(s2.evictions - s1.evictions, 2);
+    EXPECT_EQ(s2.evictions - s1.evictions, 1);
+    EXPECT_EQ(s2.resized - s1.resized, 1);
+    EXPECT_EQ(d.sum().item<float>(), 3.0f * (4 << 20));
+  }
+  {
+    // 6 MiB: nothing within 1/8; the 16 MiB block is cut to 6 MiB (its tail unmapped).
+    const auto before = dpo::tensor_cache_stats();
+    torch::Tensor e = torch::full({(6 << 20) / 4}, 4.0f);
+    const auto s4 = dpo::tensor_cache_stats();
+    EXPECT_EQ(s4.resized - before.resized, 1);
+    EXPECT_EQ(s4.evictions, before.evictions);
+    EXPECT_EQ(s4.cached_bytes, 0);
+    EXPECT_EQ(s4.live_bytes - before.live_bytes, 6 << 20);
+    EXPECT_EQ(e.sum().item<float>(), 4.0f * ((6 << 20) / 4));
   }
   const auto s3 = dpo::tensor_cache_stats();
   EXPECT_LE(s3.peak_mapped_bytes, s3.peak_live_bytes);  // live + cached never above the live peak

@@ -850,6 +850,41 @@ TEST(Training, TrainerAccumulationAndCheckpointingDoNotChangeTheRun) {
   EXPECT_NE(plain[2].at("loss").get<double>(), acc[2].at("loss").get<double>());
 }
 
+// A checkpoint stored in bf16 trains on the CPU with its embeddings and lm_head kept in
+// bf16 (llama_table_dtype: widened a block at a time where used): the run is the run of
+// the same values stored in fp32.
+TEST(Training, HalfPrecisionCheckpointTrainsLikeItsFp32Widening) {
+  TinyRun run;
+  make_run(run, 8);
+  const std::string bf16 = run.dir.file("model_bf16"), f32 = run.dir.file("model_f32");
+  LlamaModel orig = llama_load(run.model_dir, QuantOptions{});
+  llama_save_hf(orig, bf16, torch::kBFloat16, 0);
+  LlamaModel h = llama_load(bf16, QuantOptions{});
+  ASSERT_EQ(h->model->embed_tokens->weight.scalar_type(), torch::kBFloat16);
+  ASSERT_EQ(h->lm_head->weight.scalar_type(), torch::kBFloat16);
+  llama_save_hf(h, f32, torch::kFloat32, 0);  // the exact widening
+  ASSERT_EQ(llama_load(f32, QuantOptions{})->lm_head->weight.scalar_type(), torch::kFloat32);
+  auto train_on = [&](const std::string& model, const std::string& name) {
+    fs::copy_file(run.model_dir + "/tokenizer.model", model + "/tokenizer.model");
+    TrainOptions o = run_options(run, run.dir.file(name));
+    o.model_name_or_path = model;
+    o.max_steps = 3;
+    o.save_steps = 0;
+    FakeCommunicator comm;
+    EXPECT_EQ(train(o, comm), 0);
+    return train_events(run.dir.file(name));
+  };
+  auto a = train_on(bf16, "run_bf16"), b = train_on(f32, "run_f32");
+  ASSERT_EQ(a.size(), 3u);
+  ASSERT_EQ(b.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    for (const char* k : {"loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen"}) {
+      const double x = a[i].at(k).get<double>(), y = b[i].at(k).get<double>();
+      EXPECT_NEAR(x, y, 1e-6 * std::max(1.0, std::abs(y))) << "step " << i + 1 << " " << k;
+    }
+  EXPECT_NE(a[2].at("rewards/margins").get<double>(), 0.0);
+}
+
 // A short QLoRA DPO run of dpo::train on each of the other architectures (NF4 base,
 // LoRA on all seven projections, biases dense): starts at ln 2, stays finite, and
 // the loss on the repeated global batch goes down.
@@ -1052,6 +1087,23 @@ TEST(ModulesToSave, SaveLoadAndMergeRoundTrip) {
       EXPECT_NE(std::string(e.what()).find("base_model.model.lm_head.weight"), std::string::npos) << e.what();
     }
   }
+}
+
+// Merging trained modules_to_save copies into a base whose tables are kept in bf16
+// (llama_table_dtype) widens the tables first: the merged tables are the trained
+// fp32 values, not their rounding.
+TEST(ModulesToSave, MergeIntoHalfPrecisionTablesKeepsTheTrainedValues) {
+  std::vector<std::pair<std::string, torch::Tensor>> params;
+  LlamaModel m = model_with_saved_modules(false, 9, &params);
+  LlamaConfig c = tiny_config();
+  c.torch_dtype = torch::kBFloat16;
+  LlamaModel half = llama_init_random(c, 7, QuantOptions{});
+  ASSERT_EQ(half->lm_head->weight.scalar_type(), torch::kBFloat16);
+  half->set_modules_to_save(m->saved_embed().detach().clone(), m->saved_head().detach().clone());
+  modules_to_save_merge(half);
+  EXPECT_EQ(half->lm_head->weight.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::equal(half->model->embed_tokens->weight, m->saved_embed()));
+  EXPECT_TRUE(torch::equal(half->lm_head->weight, m->saved_head()));
 }
 
 // dpo::train with --modules_to_save: the SFT loss falls faster than with LoRA
