@@ -492,9 +492,39 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
   down_proj = register_module("down_proj", FrozenLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias));
 }
 
+namespace {
+// The MLP under no-grad: silu and the product in place (the same kernels as silu and
+// mul, so the same numbers), two (N, F) tensors alive instead of four.
+torch::Tensor mlp_no_grad(LlamaMLPImpl& m, const torch::Tensor& x) {
+  torch::Tensor gate = m.gate_proj(x);
+  torch::Tensor up = m.up_proj(x);
+  torch::silu_(gate);
+  gate.mul_(up);
+  up = torch::Tensor();
+  return m.down_proj(gate);
+}
+}  // namespace
+
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
   const bool grad = torch::GradMode::is_enabled();
-  if (tile_tokens > 0 && grad && x.dim() >= 2) {
+  if (!grad) {
+    // No recomputation cost here: with tiles, only (tile, F) tensors exist at once.
+    if (tile_tokens <= 0 || x.dim() < 2 || x.numel() / std::max<int64_t>(1, x.size(-1)) <= tile_tokens)
+      return mlp_no_grad(*this, x);
+    const torch::Tensor flat = x.reshape({-1, x.size(-1)});
+    const int64_t N = flat.size(0);
+    torch::Tensor out;
+    for (int64_t t0 = 0; t0 < N; t0 += tile_tokens) {
+      const int64_t n = std::min(tile_tokens, N - t0);
+      torch::Tensor y = mlp_no_grad(*this, flat.narrow(0, t0, n));
+      if (!out.defined()) out = torch::empty({N, y.size(-1)}, y.options());
+      out.narrow(0, t0, n).copy_(y);
+    }
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = out.size(-1);
+    return out.view(shape);
+  }
+  if (tile_tokens > 0 && x.dim() >= 2) {
     // Tokens are independent in the MLP: tiles along the flattened token dim.
     const torch::Tensor flat = x.reshape({-1, x.size(-1)});
     const int64_t N = flat.size(0);
@@ -513,13 +543,14 @@ torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
             },
             flat.narrow(0, t0, n)));
       }
+      torch::Tensor out = torch::cat(parts, 0);
       std::vector<int64_t> shape = x.sizes().vec();
-      return torch::cat(parts, 0).view(shape);
+      shape.back() = out.size(-1);
+      return out.view(shape);
     }
   }
   torch::Tensor gate = gate_proj(x), up = up_proj(x);
-  if (grad && (gate.requires_grad() || up.requires_grad()))
-    return down_proj(SwigluFn::apply(gate, up));
+  if (gate.requires_grad() || up.requires_grad()) return down_proj(SwigluFn::apply(gate, up));
   return down_proj(torch::silu(gate) * up);
 }
 

@@ -92,6 +92,12 @@ void report(const char* phase, double seconds) {
   std::printf("%-34s %9.2f s   RSS %6.2f GB   phase peak VmHWM %6.2f GB   process peak %6.2f GB   loadavg %s\n",
               phase, seconds, kb_gb(proc_status_kb("VmRSS")), kb_gb(proc_status_kb("VmHWM")), kb_gb(maxrss_kb()),
               loadavg().c_str());
+  if (dpo::tensor_cache_installed()) {
+    // Large tensors (>= 1 MiB) through the cache: live now, their peak so far, cached (free, mapped).
+    const dpo::TensorCacheStats st = dpo::tensor_cache_stats();
+    std::printf("  tensor cache: live %.2f GB, peak live %.2f GB, cached %.2f GB\n", gb(st.live_bytes),
+                gb(st.peak_live_bytes), gb(st.cached_bytes));
+  }
   std::fflush(stdout);
   reset_hwm();
 }
