@@ -493,65 +493,49 @@ LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& cfg) {
 }
 
 namespace {
-// The MLP under no-grad: silu and the product in place (the same kernels as silu and
-// mul, so the same numbers), two (N, F) tensors alive instead of four.
-torch::Tensor mlp_no_grad(LlamaMLPImpl& m, const torch::Tensor& x) {
+// The MLP on all of x at once. Under no-grad, silu and the product in place (the same
+// kernels as silu and mul, so the same numbers): two (N, F) tensors alive instead of
+// four; under grad, SwigluFn.
+torch::Tensor mlp_whole(LlamaMLPImpl& m, const torch::Tensor& x) {
   torch::Tensor gate = m.gate_proj(x);
   torch::Tensor up = m.up_proj(x);
-  torch::silu_(gate);
-  gate.mul_(up);
-  up = torch::Tensor();
-  return m.down_proj(gate);
+  if (!torch::GradMode::is_enabled()) {
+    torch::silu_(gate);
+    gate.mul_(up);
+    up = torch::Tensor();
+    return m.down_proj(gate);
+  }
+  if (gate.requires_grad() || up.requires_grad()) return m.down_proj(SwigluFn::apply(gate, up));
+  return m.down_proj(torch::silu(gate) * up);
 }
 }  // namespace
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
+  const int64_t N = x.dim() >= 2 ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
+  if (tile_tokens <= 0 || N <= tile_tokens) return mlp_whole(*this, x);
+  // Tokens are independent in the MLP: tiles along the flattened token dim. Under grad
+  // each tile is checkpointed (its (tile, F) tensors recomputed in backward); under
+  // no-grad the tiles cost nothing extra and only one tile's tensors exist at once.
   const bool grad = torch::GradMode::is_enabled();
-  if (!grad) {
-    // No recomputation cost here: with tiles, only (tile, F) tensors exist at once.
-    if (tile_tokens <= 0 || x.dim() < 2 || x.numel() / std::max<int64_t>(1, x.size(-1)) <= tile_tokens)
-      return mlp_no_grad(*this, x);
-    const torch::Tensor flat = x.reshape({-1, x.size(-1)});
-    const int64_t N = flat.size(0);
-    torch::Tensor out;
-    for (int64_t t0 = 0; t0 < N; t0 += tile_tokens) {
-      const int64_t n = std::min(tile_tokens, N - t0);
-      torch::Tensor y = mlp_no_grad(*this, flat.narrow(0, t0, n));
-      if (!out.defined()) out = torch::empty({N, y.size(-1)}, y.options());
-      out.narrow(0, t0, n).copy_(y);
+  const torch::Tensor flat = x.reshape({-1, x.size(-1)});
+  auto self = std::static_pointer_cast<LlamaMLPImpl>(shared_from_this());
+  std::vector<torch::Tensor> parts;
+  torch::Tensor out;
+  for (int64_t t0 = 0; t0 < N; t0 += tile_tokens) {
+    const int64_t n = std::min(tile_tokens, N - t0);
+    const torch::Tensor xt = flat.narrow(0, t0, n);
+    if (grad) {
+      parts.push_back(checkpoint([self](const torch::Tensor& t) { return mlp_whole(*self, t); }, xt));
+      continue;
     }
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = out.size(-1);
-    return out.view(shape);
+    torch::Tensor y = mlp_whole(*this, xt);
+    if (!out.defined()) out = torch::empty({N, y.size(-1)}, y.options());
+    out.narrow(0, t0, n).copy_(y);
   }
-  if (tile_tokens > 0 && x.dim() >= 2) {
-    // Tokens are independent in the MLP: tiles along the flattened token dim.
-    const torch::Tensor flat = x.reshape({-1, x.size(-1)});
-    const int64_t N = flat.size(0);
-    if (N > tile_tokens) {
-      auto self = std::static_pointer_cast<LlamaMLPImpl>(shared_from_this());
-      std::vector<torch::Tensor> parts;
-      for (int64_t t0 = 0; t0 < N; t0 += tile_tokens) {
-        const int64_t n = std::min(tile_tokens, N - t0);
-        parts.push_back(checkpoint(
-            [self](const torch::Tensor& xt) {
-              const int64_t saved = self->tile_tokens;
-              self->tile_tokens = 0;  // the tile itself runs whole
-              torch::Tensor y = self->forward(xt);
-              self->tile_tokens = saved;
-              return y;
-            },
-            flat.narrow(0, t0, n)));
-      }
-      torch::Tensor out = torch::cat(parts, 0);
-      std::vector<int64_t> shape = x.sizes().vec();
-      shape.back() = out.size(-1);
-      return out.view(shape);
-    }
-  }
-  torch::Tensor gate = gate_proj(x), up = up_proj(x);
-  if (gate.requires_grad() || up.requires_grad()) return down_proj(SwigluFn::apply(gate, up));
-  return down_proj(torch::silu(gate) * up);
+  if (grad) out = torch::cat(parts, 0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out.size(-1);
+  return out.view(shape);
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& cfg, int64_t index_, torch::ScalarType dtype)

@@ -562,6 +562,53 @@ void cpu_blocked_forward(const Tensor& x, const Tensor& w, const int64_t* tg, bo
   }
 }
 
+// Chunks of positions against the whole vocabulary: x holds logits already (no weight),
+// or the compute is on a GPU (ATen ops).
+void chunked_forward(const Tensor& x, const Tensor& w, const Tensor& target, bool wpo, HeadStats& st) {
+  const int64_t M = x.size(0), V = w.numel() > 0 ? w.size(0) : x.size(1);
+  const int64_t* tg = target.data_ptr<int64_t>();
+  std::vector<double>&lse = st.lse, &logp = st.logp, &sx = st.sx, &lse2 = st.lse2;
+  std::vector<uint8_t>& exact = st.exact;
+  const int64_t step = head_chunk_rows(V);
+  for (int64_t m0 = 0; m0 < M; m0 += step) {
+    const int64_t m1 = std::min(M, m0 + step);
+    Tensor lg = head_chunk(x, w, m0, m1);
+    if (lg.is_cpu()) {
+      const float* base = lg.data_ptr<float>();
+      at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const float* row = base + i * V;
+          double l = 0.0, s = 0.0;
+          double* l2 = wpo ? &lse2[m0 + i] : nullptr;
+          const bool fast = fast_lse(row, V, l, s, l2);
+          if (!fast) exact_lse(row, V, l, s, l2);
+          exact[m0 + i] = fast ? 0 : 1;
+          lse[m0 + i] = l;
+          logp[m0 + i] = static_cast<double>(row[tg[m0 + i]]) - l;
+          sx[m0 + i] = s;
+        }
+      });
+    } else {
+      Tensor l = lg.logsumexp({1});
+      Tensor t = lg.gather(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1)).squeeze(1);
+      Tensor l2 = wpo ? (2 * lg).logsumexp({1}) : l;
+      Tensor cols = at::stack({l.to(torch::kDouble), (t - l).to(torch::kDouble), lg.to(torch::kDouble).sum(1),
+                               l2.to(torch::kDouble)})
+                        .cpu()
+                        .contiguous();
+      const double* c = cols.data_ptr<double>();
+      const int64_t n = m1 - m0;
+      for (int64_t i = 0; i < n; ++i) {
+        lse[m0 + i] = c[i];
+        logp[m0 + i] = c[n + i];
+        sx[m0 + i] = c[2 * n + i];
+        if (wpo) lse2[m0 + i] = c[3 * n + i];
+        exact[m0 + i] = 1;
+      }
+    }
+  }
+}
+
 // d logp / d logit_v = [v == target] - softmax_v, times the entry's gradient, for the
 // logits (m, vb) of rows m0.. and vocabulary v0..: in place.
 void dlogits_in_place(float* base, int64_t m, int64_t vb, int64_t m0, int64_t v0, const std::vector<double>& ge,
@@ -600,48 +647,10 @@ class HeadLogpsFn : public torch::autograd::Function<HeadLogpsFn> {
     const double* twp = tw.numel() > 0 ? tw.data_ptr<double>() : nullptr;
     HeadStats st{std::vector<double>(M), std::vector<double>(M), std::vector<double>(M),
                  std::vector<double>(wpo ? M : 0), std::vector<uint8_t>(M, 0)};
-    std::vector<double>&lse = st.lse, &logp = st.logp, &sx = st.sx, &lse2 = st.lse2;
-    std::vector<uint8_t>& exact = st.exact;
-    const bool blocked = x.is_cpu() && w.numel() > 0;
-    if (blocked) cpu_blocked_forward(x, w, tg, wpo, st);
-    const int64_t step = head_chunk_rows(V);
-    for (int64_t m0 = 0; m0 < (blocked ? 0 : M); m0 += step) {
-      const int64_t m1 = std::min(M, m0 + step);
-      Tensor lg = head_chunk(x, w, m0, m1);
-      if (lg.is_cpu()) {
-        const float* base = lg.data_ptr<float>();
-        at::parallel_for(0, m1 - m0, position_grain(V), [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            const float* row = base + i * V;
-            double l = 0.0, s = 0.0;
-            double* l2 = wpo ? &lse2[m0 + i] : nullptr;
-            const bool fast = fast_lse(row, V, l, s, l2);
-            if (!fast) exact_lse(row, V, l, s, l2);
-            exact[m0 + i] = fast ? 0 : 1;
-            lse[m0 + i] = l;
-            logp[m0 + i] = static_cast<double>(row[tg[m0 + i]]) - l;
-            sx[m0 + i] = s;
-          }
-        });
-      } else {
-        Tensor l = lg.logsumexp({1});
-        Tensor t = lg.gather(1, target.narrow(0, m0, m1 - m0).to(lg.device()).unsqueeze(1)).squeeze(1);
-        Tensor l2 = wpo ? (2 * lg).logsumexp({1}) : l;
-        Tensor cols = at::stack({l.to(torch::kDouble), (t - l).to(torch::kDouble), lg.to(torch::kDouble).sum(1),
-                                 l2.to(torch::kDouble)})
-                          .cpu()
-                          .contiguous();
-        const double* c = cols.data_ptr<double>();
-        const int64_t n = m1 - m0;
-        for (int64_t i = 0; i < n; ++i) {
-          lse[m0 + i] = c[i];
-          logp[m0 + i] = c[n + i];
-          sx[m0 + i] = c[2 * n + i];
-          if (wpo) lse2[m0 + i] = c[3 * n + i];
-          exact[m0 + i] = 1;
-        }
-      }
-    }
+    const std::vector<double>&lse = st.lse, &logp = st.logp, &sx = st.sx, &lse2 = st.lse2;
+    const std::vector<uint8_t>& exact = st.exact;
+    if (x.is_cpu() && w.numel() > 0) cpu_blocked_forward(x, w, tg, wpo, st);
+    else chunked_forward(x, w, target, wpo, st);
     std::vector<double> sum(S, 0.0), mean(S, 0.0), wpo_sum(S, 0.0), plain(twp ? S : 0, 0.0);
     std::vector<int64_t> counts(S, 0);
     for (int64_t i = 0; i < M; ++i) {
@@ -780,7 +789,7 @@ SeqLogps sequence_logps(const Tensor& logits, const Tensor& input_ids, const Ten
                         LogpsKernel kernel) {
   check_logps_inputs(logits, input_ids, loss_mask);
   auto out = SeqLogpsFn::apply(logits, input_ids, loss_mask, static_cast<int64_t>(kernel));
-  return SeqLogps{out[0], out[1], out[2]};
+  return SeqLogps{out[0], out[1], out[2], {}, {}};
 }
 }  // namespace detail
 
@@ -825,7 +834,7 @@ SeqLogps head_logps(const Tensor& hidden, const Tensor& weight, const Tensor& po
   // A weight that requires grad (a trained lm_head copy) gets its gradient in backward.
   auto out = HeadLogpsFn::apply(rows, weight.defined() ? weight : torch::empty({0}, hidden.options()), tok, seq,
                                 sequences, tw, extra.wpo);
-  SeqLogps r{out[0], out[1], out[2]};
+  SeqLogps r{out[0], out[1], out[2], {}, {}};
   if (extra.wpo) r.wpo_logps = out[3];
   if (extra.token_weight.defined()) r.unweighted_logps = out[4];
   return r;

@@ -71,6 +71,7 @@ class TensorCache final : public c10::Allocator {
     std::vector<Block> drop;
     Block got{nullptr, 0};
     size_t live_add = want;  // a hit keeps its block's size
+    bool resize = false;     // got is a donor block to cut or grow to `want`
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Best fit within 1/8 of the request (the same shape, or a slightly longer batch).
@@ -104,6 +105,7 @@ class TensorCache final : public c10::Allocator {
           got = free_[static_cast<size_t>(donor)];
           free_.erase(free_.begin() + donor);
           stats_.cached_bytes -= static_cast<int64_t>(got.bytes);
+          resize = true;
           ++stats_.resized;
         }
         // Unmap the oldest cached blocks worth what the request adds first, so that
@@ -121,10 +123,10 @@ class TensorCache final : public c10::Allocator {
       stats_.peak_mapped_bytes = std::max(stats_.peak_mapped_bytes, stats_.live_bytes + stats_.cached_bytes);
     }
     for (const Block& b : drop) ::munmap(b.ptr, b.bytes);
-    if (got.ptr && got.bytes > want + want / 8) {
+    if (resize && got.bytes > want) {
       ::munmap(static_cast<char*>(got.ptr) + want, got.bytes - want);  // cut: the head stays resident
       got.bytes = want;
-    } else if (got.ptr && got.bytes < want) {
+    } else if (resize && got.bytes < want) {
       void* p = ::mremap(got.ptr, got.bytes, want, MREMAP_MAYMOVE);  // grow: its pages move along
       if (p == MAP_FAILED) {
         ::munmap(got.ptr, got.bytes);
