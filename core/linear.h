@@ -58,6 +58,7 @@ class FrozenLinearImpl : public torch::nn::Module {
   /// dequantized), and `<prefix>.bias` when has_bias(). Throws std::runtime_error
   /// naming the missing/ill-shaped tensor.
   void load(const TensorLookup& lookup, const std::string& prefix, const QuantOptions& opts);
+  using torch::nn::Module::load;  // the serialize::InputArchive overload stays visible
 
   /// x (..., I) -> (..., O): base(x) [+ bias] [+ scaling * (dropout(x) @ A^T) @ B^T when a
   /// LoRA adapter is present and enabled; dropout only in training mode].

@@ -154,6 +154,9 @@ struct SafetensorsFile::Impl {
   std::string path;
   std::shared_ptr<Mapping> map;
   const unsigned char* data = nullptr;  // start of the data section
+  uint64_t data_offset = 0;             // its offset in the file (8 + header length)
+  dev_t dev = 0;                        // the mapped file's identity, checked when it is opened again
+  ino_t ino = 0;
   std::vector<TensorEntry> tensors;     // sorted by offset
   std::unordered_map<std::string, size_t> index;
   std::map<std::string, std::string> metadata;
@@ -181,6 +184,8 @@ void SafetensorsFile::Impl::open_and_validate() {
     fail("not a regular file");
   }
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  dev = st.st_dev;
+  ino = st.st_ino;
   if (file_size < 8) {
     ::close(fd);
     fail("file is " + std::to_string(file_size) + " bytes, too short for the 8-byte header length (truncated?)");
@@ -282,6 +287,7 @@ void SafetensorsFile::Impl::open_and_validate() {
 
   for (size_t i = 0; i < tensors.size(); ++i) index.emplace(tensors[i].name, i);
   data = base + 8 + n;
+  data_offset = 8 + n;
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : impl_(std::make_unique<Impl>()) {
@@ -315,6 +321,45 @@ torch::Tensor SafetensorsFile::get(const std::string& name) const {
   }
   std::shared_ptr<Mapping> keep = impl_->map;
   return torch::from_blob(const_cast<unsigned char*>(p), t.shape, [keep](void*) {}, opts);
+}
+
+namespace {
+uint64_t page_size() {
+  static const uint64_t p = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return p;
+}
+}  // namespace
+
+torch::Tensor SafetensorsFile::map_copy_on_write(const std::string& name, bool random_access) const {
+  const TensorEntry& t = impl_->entry(name);
+  const uint64_t begin = impl_->data_offset + t.begin, nbytes = t.end - t.begin;
+  auto opts = torch::TensorOptions().dtype(t.dtype->type).device(torch::kCPU);
+  if (nbytes == 0 || begin % static_cast<uint64_t>(t.dtype->size) != 0) return get(name).clone();
+  const uint64_t start = begin - begin % page_size(), len = begin + nbytes - start;
+  int fd = ::open(impl_->path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(impl_->path + ": cannot open again to map tensor \"" + name + "\": " + errno_text());
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_dev != impl_->dev || st.st_ino != impl_->ino) {
+    ::close(fd);
+    throw std::runtime_error(impl_->path + ": the file was replaced while it was being loaded (tensor \"" + name +
+                             "\"); load again");
+  }
+  void* addr = ::mmap(nullptr, static_cast<size_t>(len), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, static_cast<off_t>(start));
+  int mmap_errno = errno;
+  ::close(fd);
+  if (addr == MAP_FAILED)
+    throw std::runtime_error(impl_->path + ": mmap of tensor \"" + name + "\" failed: " + std::strerror(mmap_errno));
+  if (random_access) ::madvise(addr, static_cast<size_t>(len), MADV_RANDOM);  // advisory: errors ignored
+  auto* p = static_cast<unsigned char*>(addr) + (begin - start);
+  return torch::from_blob(p, t.shape, [addr, len](void*) { ::munmap(addr, static_cast<size_t>(len)); }, opts);
+}
+
+void SafetensorsFile::release_pages(const std::string& name) const {
+  const TensorEntry& t = impl_->entry(name);
+  auto* base = static_cast<unsigned char*>(impl_->map->addr);
+  const uint64_t begin = impl_->data_offset + t.begin, end = impl_->data_offset + t.end;
+  const uint64_t start = begin - begin % page_size();
+  if (end > start) ::madvise(base + start, static_cast<size_t>(end - start), MADV_DONTNEED);  // advisory: errors ignored
 }
 
 torch::ScalarType SafetensorsFile::dtype(const std::string& name) const { return impl_->entry(name).dtype->type; }
@@ -542,6 +587,16 @@ std::optional<torch::Tensor> HfCheckpoint::find(const std::string& name) const {
   auto it = impl_->where.find(name);
   if (it == impl_->where.end()) return std::nullopt;
   return impl_->opened[it->second].get(name);
+}
+
+torch::Tensor HfCheckpoint::map_copy_on_write(const std::string& name, bool random_access) const {
+  file_of(name);  // throws naming the directory when absent
+  return impl_->opened[impl_->where.at(name)].map_copy_on_write(name, random_access);
+}
+
+void HfCheckpoint::release_pages(const std::string& name) const {
+  auto it = impl_->where.find(name);
+  if (it != impl_->where.end()) impl_->opened[it->second].release_pages(name);
 }
 
 const std::string& HfCheckpoint::file_of(const std::string& name) const {

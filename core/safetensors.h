@@ -52,6 +52,20 @@ class SafetensorsFile {
   /// write into the result in place; clone() to own or modify. The view keeps
   /// the mapping alive by itself. Throws (naming file and tensor) if absent.
   torch::Tensor get(const std::string& name) const;
+  /// The tensor in its own copy-on-write mapping of the file (MAP_PRIVATE, read and
+  /// write): pages are read from the file only when touched and stay reclaimable page
+  /// cache until written (a written page becomes the process's own copy), so a large
+  /// table of which a step reads a few rows (the embeddings) costs only those rows of
+  /// resident memory. Independent of this object's lifetime. The file must not be
+  /// rewritten in place while the tensor lives (replacing it by rename, as every writer
+  /// here does, is safe). A copy when the data is misaligned for its dtype.
+  /// random_access: madvise(MADV_RANDOM) (a table read by rows: no readahead).
+  torch::Tensor map_copy_on_write(const std::string& name, bool random_access = false) const;
+  /// Drops the pages of `name` from this process's resident set (madvise DONTNEED on
+  /// the read-only mapping: they are read again from the file if touched), so a loader
+  /// that has converted a tensor does not keep the file's bytes counted in its RSS.
+  /// Views from get() stay valid.
+  void release_pages(const std::string& name) const;
   torch::ScalarType dtype(const std::string& name) const;
   std::vector<int64_t> shape(const std::string& name) const;
   /// Bytes of the tensor's data.
@@ -108,6 +122,10 @@ class HfCheckpoint {
   std::vector<std::string> names() const;
   /// Zero-copy view (see SafetensorsFile::get); nullopt when absent.
   std::optional<torch::Tensor> find(const std::string& name) const;
+  /// SafetensorsFile::map_copy_on_write of the file holding `name`; throws if absent.
+  torch::Tensor map_copy_on_write(const std::string& name, bool random_access = false) const;
+  /// SafetensorsFile::release_pages of the file holding `name`; nothing if absent.
+  void release_pages(const std::string& name) const;
   /// The file (relative to dir) holding `name`; throws if absent.
   const std::string& file_of(const std::string& name) const;
 

@@ -46,7 +46,7 @@ int64_t StepPlan::local_examples() const {
 
 ShardSampler::ShardSampler(int64_t n, int64_t per_device_batch, int64_t grad_accum, int world, int rank,
                            uint64_t seed, bool group_by_length, const std::vector<int64_t>* lengths, bool shuffle)
-    : n_(n), per_device_batch_(per_device_batch), grad_accum_(grad_accum), world_(world), rank_(rank), seed_(seed),
+    : n_(n), grad_accum_(grad_accum), world_(world), rank_(rank), seed_(seed),
       group_by_length_(group_by_length), shuffle_(shuffle) {
   if (n < 0) throw std::invalid_argument("ShardSampler: negative number of examples");
   if (per_device_batch < 1) throw std::invalid_argument("ShardSampler: per_device_train_batch_size must be >= 1");

@@ -68,7 +68,7 @@ class ShardSampler {
  private:
   const std::vector<int64_t>& cached_order(int64_t epoch) const;
 
-  int64_t n_, per_device_batch_, grad_accum_, global_batch_;
+  int64_t n_, grad_accum_, global_batch_;
   int world_, rank_;
   uint64_t seed_;
   bool group_by_length_, shuffle_;

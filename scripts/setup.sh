@@ -4,6 +4,7 @@
 set -euo pipefail
 PKGS=(
   build-essential cmake ninja-build pkg-config git ccache
+  clang             # the default compiler of scripts/: ~2.5x faster than GCC on this tree, same results
   libtorch-dev libopenblas0-pthread libopenblas-pthread-dev
   libopenmpi-dev openmpi-bin
   libhdf5-dev hdf5-tools
@@ -16,8 +17,8 @@ PKGS=(
   iproute2 procps
   chromium          # headless: the HTML report test (tests/e2e/report_browser.sh)
 )
-# DPO_WITH_FUZZ=1: clang + libFuzzer for scripts/fuzz.sh (the ctest replay of the fuzz
-# corpora needs neither: it builds with the normal compiler).
+# DPO_WITH_FUZZ=1: libFuzzer for scripts/fuzz.sh (the ctest replay of the fuzz corpora
+# does not need it: it builds with the normal compiler).
 if [ "${DPO_WITH_FUZZ:-0}" = 1 ]; then
   PKGS+=(clang-14 libfuzzer-14-dev)
 fi

@@ -1,4 +1,5 @@
 #include "tests/test_util.h"
+#include "tests/proc_maps.h"
 
 #include <sys/wait.h>
 
@@ -147,3 +148,21 @@ std::string train_test_tokenizer(const std::string& dir, int vocab_size, bool by
 }
 
 }  // namespace dpo
+
+namespace dpo::testutil {
+
+std::string mapped_file_of(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    // "start-end perms offset dev inode   path"
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) != 2 || a < lo || a >= hi) continue;
+    size_t slash = line.find('/');
+    return slash == std::string::npos ? std::string() : line.substr(slash);
+  }
+  return "?";
+}
+
+}  // namespace dpo::testutil

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -92,6 +93,8 @@ void report(const char* phase, double seconds) {
   std::printf("%-34s %9.2f s   RSS %6.2f GB   phase peak VmHWM %6.2f GB   process peak %6.2f GB   loadavg %s\n",
               phase, seconds, kb_gb(proc_status_kb("VmRSS")), kb_gb(proc_status_kb("VmHWM")), kb_gb(maxrss_kb()),
               loadavg().c_str());
+  std::printf("  of the RSS: anonymous %.2f GB, file-backed %.2f GB (mapped checkpoint pages)\n",
+              kb_gb(proc_status_kb("RssAnon")), kb_gb(proc_status_kb("RssFile")));
   if (dpo::tensor_cache_installed()) {
     // Large tensors (>= 1 MiB) through the cache: live now, their peak so far, cached (free, mapped).
     const dpo::TensorCacheStats st = dpo::tensor_cache_stats();
@@ -120,6 +123,11 @@ int main(int argc, char** argv) {
     cli.add_string("torch_dtype", "",
                    "the checkpoint's dtype (config.json torch_dtype; the embeddings and lm_head keep it under fp32 "
                    "compute): float16 | bfloat16 | float32; default: the preset's (Llama-2-7b-hf float16, Llama-3-8B bfloat16)");
+    cli.add_string("checkpoint", "",
+                   "load the model with llama_load from this Hugging Face directory, as dpo_dist does (file pages "
+                   "counted); when it has no config.json the preset's random model is first written there "
+                   "(llama_save_hf in --torch_dtype, 5 GB shards: ~16 GB for llama3-8b) and the peak is reset after "
+                   "writing. Empty: llama_init_random in memory");
     if (!cli.parse(argc, argv)) return 0;
     reset_hwm();
 
@@ -170,7 +178,28 @@ int main(int argc, char** argv) {
     dpo::QuantOptions q;
     q.load_in_4bit = true;
     q.double_quant = cli.get_bool("double_quant");
-    dpo::LlamaModel model = dpo::llama_init_random(cfg, static_cast<uint64_t>(cli.get_int("seed")), q);
+    const std::string ckpt_dir = cli.get_string("checkpoint");
+    dpo::LlamaModel model{nullptr};
+    if (ckpt_dir.empty()) {
+      model = dpo::llama_init_random(cfg, static_cast<uint64_t>(cli.get_int("seed")), q);
+    } else {
+      if (!std::filesystem::exists(std::filesystem::path(ckpt_dir) / "config.json")) {
+        {
+          dpo::LlamaModel random = dpo::llama_init_random(cfg, static_cast<uint64_t>(cli.get_int("seed")), q);
+          dpo::llama_save_hf(random, ckpt_dir, cfg.torch_dtype, int64_t{5'000'000'000});
+        }
+        std::printf("wrote the random model to %s in %.1f s (not part of the peaks below)\n", ckpt_dir.c_str(),
+                    now_s() - t0);
+        if (dpo::tensor_cache_installed()) dpo::tensor_cache_release();  // the writer's freed blocks
+        reset_hwm();
+        g_peak_kb = 0;  // the writer's peak is not the trainer's
+        t0 = now_s();
+      }
+      model = dpo::llama_load(ckpt_dir, q);
+      if (model->config().num_hidden_layers != cfg.num_hidden_layers || model->config().vocab_size != cfg.vocab_size ||
+          model->config().intermediate_size != cfg.intermediate_size)
+        throw dpo::CliError("--checkpoint " + ckpt_dir + " holds another shape than --preset/--layers; remove it to rewrite");
+    }
     const double t_init = now_s() - t0;
     auto named = model->named_projections();
     dpo::LoraConfig lcfg;
@@ -193,8 +222,8 @@ int main(int argc, char** argv) {
                 c10::toString(model->model->embed_tokens->weight.scalar_type()), gb(table_bytes));
     std::printf("LoRA: %lld adapted projections, %lld trainable parameters (%.1f MB fp32)\n", (long long)adapted,
                 (long long)lora_params, lora_params * 4 / 1e6);
-    report("build (llama_init_random + LoRA)", now_s() - t0);
-    std::printf("  of which llama_init_random: %.2f s\n", t_init);
+    report(ckpt_dir.empty() ? "build (llama_init_random + LoRA)" : "build (llama_load + LoRA)", now_s() - t0);
+    std::printf("  of which %s: %.2f s\n", ckpt_dir.empty() ? "llama_init_random" : "llama_load", t_init);
 
     torch::manual_seed(static_cast<uint64_t>(cli.get_int("seed")) + 1);
     dpo::PreferenceExample ex;

@@ -26,6 +26,7 @@
 #include "core/llama.h"
 #include "core/lora.h"
 #include "core/safetensors.h"
+#include "tests/proc_maps.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;
@@ -543,6 +544,10 @@ TEST(LlamaLoad, StoredHalfAndBfloat16Weights) {
     EXPECT_EQ(m->model->embed_tokens->weight.scalar_type(), dt);
     if (m->lm_head) EXPECT_EQ(m->lm_head->weight.scalar_type(), dt);
     EXPECT_EQ(m->model->norm->weight.scalar_type(), torch::kFloat32);
+    // The untied embedding table is read from the file where it is used (a copy-on-write
+    // mapping: only the rows a batch touches become resident); the others are copies.
+    EXPECT_EQ(dpo::testutil::mapped_file_of(m->model->embed_tokens->weight.data_ptr()), dir.file("model.safetensors"));
+    EXPECT_EQ(dpo::testutil::mapped_file_of(m->lm_head->weight.data_ptr()), "");
     std::vector<std::vector<int64_t>> seqs = {tokens_of(7, s.V, 9)};
     torch::Tensor logits = m->forward(ids_tensor(seqs, 7), mask_tensor(seqs, 7));
     // Exact to the rounded weights; clearly off from the unrounded ones for bf16.

@@ -17,6 +17,7 @@
 #include <torch/types.h>
 
 #include "core/safetensors.h"
+#include "tests/proc_maps.h"
 #include "tests/test_util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -133,6 +134,44 @@ TEST(Safetensors, ViewOutlivesFileObject) {
     view = f.get("t");
   }
   EXPECT_TRUE(torch::equal(view, t));
+}
+
+TEST(Safetensors, CopyOnWriteMappingReadsTheFileAndNeverWritesIt) {
+  TempDir dir;
+  const std::string path = dir.file("a.safetensors");
+  torch::Tensor big = torch::arange(3 * 4096, torch::kFloat32).reshape({3, 4096}).to(torch::kBFloat16);
+  torch::Tensor small = torch::tensor({1.5f, -2.0f, 3.25f});
+  dpo::safetensors_save(path, {{"big", big}, {"small", small}});
+  torch::Tensor mapped;
+  {
+    SafetensorsFile f(path);
+    mapped = f.map_copy_on_write("big");
+    // A view of the rest of the file stays valid after its pages are released.
+    torch::Tensor view = f.get("small");
+    f.release_pages("small");
+    f.release_pages("big");
+    EXPECT_TRUE(torch::equal(view, small));
+  }
+  // Its own mapping of the file, alive without the file object.
+  EXPECT_EQ(dpo::testutil::mapped_file_of(mapped.data_ptr()), path);
+  EXPECT_EQ(mapped.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(mapped, big));
+  // Writes land in the process's private copy, never in the file.
+  mapped.mul_(2);
+  EXPECT_TRUE(torch::equal(mapped, big * 2));
+  EXPECT_TRUE(torch::equal(SafetensorsFile(path).get("big"), big));
+}
+
+TEST(Safetensors, CopyOnWriteMappingRefusesAReplacedFile) {
+  TempDir dir;
+  const std::string path = dir.file("a.safetensors");
+  dpo::safetensors_save(path, {{"t", torch::ones({8})}});
+  SafetensorsFile f(path);
+  dpo::safetensors_save(path, {{"t", torch::zeros({8})}});  // written to a temporary and renamed over it
+  std::string msg = throw_message([&] { f.map_copy_on_write("t"); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("replaced"), std::string::npos) << msg;
+  EXPECT_TRUE(torch::equal(f.get("t"), torch::ones({8})));  // the old mapping still reads the old file
 }
 
 TEST(Safetensors, ByteLayoutMatchesPythonLibrary) {
