@@ -339,9 +339,10 @@ torch::Tensor SafetensorsFile::map_copy_on_write(const std::string& name, bool r
   int fd = ::open(impl_->path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw std::runtime_error(impl_->path + ": cannot open again to map tensor \"" + name + "\": " + errno_text());
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || st.st_dev != impl_->dev || st.st_ino != impl_->ino) {
+  if (::fstat(fd, &st) != 0 || st.st_dev != impl_->dev || st.st_ino != impl_->ino ||
+      static_cast<uint64_t>(st.st_size) != static_cast<uint64_t>(impl_->map->size)) {
     ::close(fd);
-    throw std::runtime_error(impl_->path + ": the file was replaced while it was being loaded (tensor \"" + name +
+    throw std::runtime_error(impl_->path + ": the file was replaced or rewritten while it was being loaded (tensor \"" + name +
                              "\"); load again");
   }
   void* addr = ::mmap(nullptr, static_cast<size_t>(len), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, static_cast<off_t>(start));

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -37,14 +39,38 @@ void row(const char* what, double ms, double bytes) {
   std::printf("%-44s %9.2f ms %8.2f GB/s\n", what, ms, bytes / (ms * 1e-3) / 1e9);
 }
 
+constexpr const char* kUsage = "usage: bench_nf4 [rows=11008] [cols=4096] [iters=10] [threads=hardware threads]\n";
+
+// argv[i] as a positive integer (at most `max`), or `fallback` when absent; exits with the
+// usage on anything else.
+int64_t positional(int argc, char** argv, int i, const char* name, int64_t fallback, int64_t max) {
+  if (argc <= i) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(argv[i], &end, 10);
+  if (errno != 0 || end == argv[i] || *end != '\0' || v < 1 || v > max) {
+    std::fprintf(stderr, "bench_nf4: %s must be an integer in [1, %lld], got \"%s\"\n%s", name,
+                 static_cast<long long>(max), argv[i], kUsage);
+    std::exit(2);
+  }
+  return v;
+}
+
 }  // namespace
 
-int main(int argc, char** argv) {
-  const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 11008;
-  const int64_t cols = argc > 2 ? std::atoll(argv[2]) : 4096;
-  const int iters = argc > 3 ? std::atoi(argv[3]) : 10;
+int main(int argc, char** argv) try {
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::printf("%s", kUsage);
+      return 0;
+    }
+  const int64_t rows = positional(argc, argv, 1, "rows", 11008, int64_t{1} << 20);
+  const int64_t cols = positional(argc, argv, 2, "cols", 4096, int64_t{1} << 20);
+  const int iters = static_cast<int>(positional(argc, argv, 3, "iters", 10, 100000));
   // libtorch defaults to one thread per physical core; the machine may have more.
-  const int threads = argc > 4 ? std::atoi(argv[4]) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = static_cast<int>(positional(
+      argc, argv, 4, "threads", static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency())), 1024));
+
   at::set_num_threads(threads);
   const int64_t n = rows * cols;
   const double out_bytes = static_cast<double>(n) * sizeof(float);
@@ -93,4 +119,7 @@ int main(int argc, char** argv) {
   std::printf("%-44s %9.2f ms\n", "nf4_quantize, 1 thread", q1_ms);
   at::set_num_threads(threads);
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_nf4: %s\n", e.what());
+  return 1;
 }
