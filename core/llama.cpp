@@ -821,15 +821,15 @@ LlamaModel llama_load(const std::string& dir, const QuantOptions& q, torch::Devi
       LlamaTable table = name == "model.embed_tokens.weight" ? model->model->embed_tokens
                          : name == "lm_head.weight"          ? model->lm_head
                                                              : LlamaTable{nullptr};
-      if (table) table->store_as(llama_table_dtype(t, q.compute_dtype));
-      if (name == "model.embed_tokens.weight" && !cfg.tie_word_embeddings && device.is_cpu() &&
-          param.scalar_type() == t) {
+      const torch::ScalarType keep = table ? llama_table_dtype(t, q.compute_dtype) : param.scalar_type();
+      if (name == "model.embed_tokens.weight" && !cfg.tie_word_embeddings && device.is_cpu() && keep == t) {
         // The untied embedding table stays in the file, mapped copy-on-write: a step reads
         // only its tokens' rows, so only those pages become resident (1.05 GB of bf16 rows
         // on Llama-3-8B, of which a 1,536-token pair touches a few MB).
         param.set_data(ckpt.map_copy_on_write(name, /*random_access=*/true));
         continue;
       }
+      if (table) table->store_as(keep);
       param.copy_(view);  // converts to the table's / compute dtype; the view stays in the mapping
       ckpt.release_pages(name);
     }

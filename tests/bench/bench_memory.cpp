@@ -183,7 +183,13 @@ int main(int argc, char** argv) {
     if (ckpt_dir.empty()) {
       model = dpo::llama_init_random(cfg, static_cast<uint64_t>(cli.get_int("seed")), q);
     } else {
-      if (!std::filesystem::exists(std::filesystem::path(ckpt_dir) / "config.json")) {
+      const std::filesystem::path cfg_path = std::filesystem::path(ckpt_dir) / "config.json";
+      if (std::filesystem::exists(cfg_path)) {
+        const dpo::LlamaConfig have = dpo::llama_config_load(cfg_path.string());
+        if (have.num_hidden_layers != cfg.num_hidden_layers || have.vocab_size != cfg.vocab_size ||
+            have.intermediate_size != cfg.intermediate_size)
+          throw dpo::CliError("--checkpoint " + ckpt_dir + " holds another shape than --preset/--layers; remove it to rewrite");
+      } else {
         {
           dpo::LlamaModel random = dpo::llama_init_random(cfg, static_cast<uint64_t>(cli.get_int("seed")), q);
           dpo::llama_save_hf(random, ckpt_dir, cfg.torch_dtype, int64_t{5'000'000'000});
@@ -196,9 +202,6 @@ int main(int argc, char** argv) {
         t0 = now_s();
       }
       model = dpo::llama_load(ckpt_dir, q);
-      if (model->config().num_hidden_layers != cfg.num_hidden_layers || model->config().vocab_size != cfg.vocab_size ||
-          model->config().intermediate_size != cfg.intermediate_size)
-        throw dpo::CliError("--checkpoint " + ckpt_dir + " holds another shape than --preset/--layers; remove it to rewrite");
     }
     const double t_init = now_s() - t0;
     auto named = model->named_projections();
