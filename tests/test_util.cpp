@@ -124,6 +124,11 @@ std::string source_dir() {
 
 std::string tool_path(const std::string& tool) { return binary_dir() + "/bin/" + tool; }
 
+std::string tokenizer_fixture_dir() {
+  if (const char* e = std::getenv("DPO_TOKENIZER_DIR"); e && *e) return e;
+  return binary_dir() + "/fixtures/tokenizers";
+}
+
 }  // namespace testutil
 
 std::string train_test_tokenizer(const std::string& dir, int vocab_size, bool byte_fallback) {

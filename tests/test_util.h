@@ -58,6 +58,10 @@ std::string binary_dir();
 std::string source_dir();
 /// binary_dir() + "/bin/" + tool
 std::string tool_path(const std::string& tool);
+/// The real tokenizer files (Llama 3.1, Qwen 3, Llama 2 / Mistral: <dir>/tokenizer-<name>/models/
+/// tokenizer.json + tokenizer_config.json): $DPO_TOKENIZER_DIR, else what CMake extracted
+/// from tests/fixtures/tokenizers.tar.xz into binary_dir() + "/fixtures/tokenizers".
+std::string tokenizer_fixture_dir();
 
 }  // namespace testutil
 }  // namespace dpo

@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
     if (env) json_path = std::string(env) + "/tokenizer-llama3_1/models/tokenizer.json";
   }
   if (json_path.empty() || !std::filesystem::exists(json_path)) {
-    std::fprintf(stderr, "bench_tokenizer: give --tokenizer_json FILE (e.g. Llama 3.1's tokenizer.json) or set DPO_TOKENIZER_DIR\n");
+    std::fprintf(stderr, "bench_tokenizer: give --tokenizer_json FILE (e.g. Llama 3.1's tokenizer.json) or set DPO_TOKENIZER_DIR (e.g. build/fixtures/tokenizers)\n");
     return 2;
   }
   try {

