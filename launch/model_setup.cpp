@@ -7,6 +7,7 @@
 
 #include "core/modules_to_save.h"
 #include "data/tokenizer_info.h"
+#include "runtime/torch_cuda.h"
 
 namespace fs = std::filesystem;
 
@@ -61,8 +62,8 @@ LoadedModel load_model(const ModelSetupOptions& o) {
                              "*.safetensors and tokenizer.model; dpo_init_model writes a small one)");
   LoadedModel m;
   if (o.device == "cuda") {
-    if (!torch::cuda::is_available())
-      throw std::runtime_error("--device cuda: no CUDA device is visible to this process (this build or machine has no GPU)");
+    if (!dpo::torch_cuda_available())
+      throw std::runtime_error("--device cuda: " + torch_cuda_unavailable_reason());
     m.device = torch::Device(torch::kCUDA);
   }
   QuantOptions q;

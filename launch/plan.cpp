@@ -9,6 +9,7 @@
 #include "data/preference_h5.h"
 #include "data/sampler.h"
 #include "launch/run_dir.h"
+#include "runtime/torch_cuda.h"
 
 #include <torch/cuda.h>
 
@@ -158,7 +159,7 @@ std::string dry_run_plan(const TrainOptions& o, int world, int local_size) {
   } else {
     out << "  resume        from " << resume << "\n";
   }
-  if (cuda && !torch::cuda::is_available())
+  if (cuda && !dpo::torch_cuda_available())
     out << "  note          --device cuda, but no CUDA device is visible here: the run itself would stop\n";
   return out.str();
 }

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "core/safetensors.h"
+#include "runtime/torch_cuda.h"
 
 namespace dpo {
 
@@ -37,8 +38,8 @@ RankGenerators default_rank_generators(const torch::Device& device) {
   if (device.is_cuda()) {
     // Context::defaultGenerator(Device) reaches the CUDA generator through libtorch's CUDA
     // hooks: no CUDA headers here, so one source serves CPU-only and CUDA libtorch builds.
-    if (!torch::cuda::is_available())
-      throw std::runtime_error("RNG state: --device cuda but libtorch sees no CUDA device");
+    if (!dpo::torch_cuda_available())
+      throw std::runtime_error("RNG state: --device cuda, but " + torch_cuda_unavailable_reason());
     g.device_type = "cuda";
     g.device = at::globalContext().defaultGenerator(device);
   } else if (!device.is_cpu()) {

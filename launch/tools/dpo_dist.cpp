@@ -9,9 +9,9 @@
 #include "dist/signals.h"
 #include "dist/watchdog.h"
 #include "launch/cli.h"
-#include "launch/tensor_cache.h"
+#include "runtime/tensor_cache.h"
 #include "launch/plan.h"
-#include "launch/threads.h"
+#include "runtime/threads.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
 

@@ -9,7 +9,7 @@
 #include "core/modules_to_save.h"
 #include "launch/cli.h"
 #include "launch/model_setup.h"
-#include "launch/threads.h"
+#include "runtime/threads.h"
 
 using namespace dpo;
 namespace fs = std::filesystem;

@@ -15,7 +15,7 @@
 #include "core/nf4.h"
 #include "core/safetensors.h"
 #include "launch/cli.h"
-#include "launch/threads.h"
+#include "runtime/threads.h"
 #include "util/fs.h"
 
 using namespace dpo;

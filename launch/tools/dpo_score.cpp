@@ -14,8 +14,8 @@
 #include "launch/model_setup.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
-#include "launch/tensor_cache.h"
-#include "launch/threads.h"
+#include "runtime/tensor_cache.h"
+#include "runtime/threads.h"
 #include "util/fs.h"
 
 using namespace dpo;

@@ -27,6 +27,7 @@
 #define DPO_BENCH_ALLOCATOR_STATS 1
 #endif
 
+#include "runtime/torch_cuda.h"
 #include "core/dpo.h"
 #include "core/linear.h"
 #include "core/llama.h"
@@ -107,7 +108,7 @@ int main(int argc, char** argv) {
     cli.add_bool("checkpointing", true, "gradient checkpointing of the decoder layers");
     cli.add_int("matmul_n", 8192, "size of the peak-measuring square bf16 matmul");
     if (!cli.parse(argc, argv)) return 0;
-    if (!torch::cuda::is_available()) {
+    if (!dpo::torch_cuda_available()) {
       std::printf("bench_cuda_step: NOT RUN: no CUDA device visible to libtorch\n");
       return 77;
     }

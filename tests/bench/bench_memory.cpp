@@ -36,9 +36,9 @@
 #include "core/lora.h"
 #include "data/collate.h"
 #include "launch/dpo_step.h"
-#include "launch/tensor_cache.h"
+#include "runtime/tensor_cache.h"
 #include "launch/cli.h"
-#include "launch/threads.h"
+#include "runtime/threads.h"
 
 namespace {
 

@@ -42,8 +42,8 @@
 #include "data/collate.h"
 #include "launch/cli.h"
 #include "launch/dpo_step.h"
-#include "launch/tensor_cache.h"
-#include "launch/threads.h"
+#include "runtime/tensor_cache.h"
+#include "runtime/threads.h"
 
 namespace {
 

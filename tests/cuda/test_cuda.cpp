@@ -21,6 +21,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include "runtime/torch_cuda.h"
 #include "core/dpo.h"
 #include "core/linear.h"
 #include "core/llama.h"
@@ -216,7 +217,7 @@ TEST(CudaModel, GradientCheckpointingGivesTheSameGradients) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!torch::cuda::is_available()) {
+  if (!dpo::torch_cuda_available()) {
     std::printf("test_cuda: NOT RUN: no CUDA device visible to libtorch (CPU-only libtorch or no GPU)\n");
     return 77;
   }

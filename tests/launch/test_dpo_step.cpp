@@ -16,8 +16,8 @@
 #include "core/lora.h"
 #include "data/collate.h"
 #include "launch/dpo_step.h"
-#include "launch/tensor_cache.h"
-#include "launch/threads.h"
+#include "runtime/tensor_cache.h"
+#include "runtime/threads.h"
 #include "tests/tiny_llama.h"
 
 namespace {

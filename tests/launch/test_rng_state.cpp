@@ -13,6 +13,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include "runtime/torch_cuda.h"
 #include "core/safetensors.h"
 #include "launch/rng_state.h"
 
@@ -134,7 +135,7 @@ TEST(RngState, DefaultGenerators) {
   const auto a = draw(c.cpu);
   torch::manual_seed(4);
   EXPECT_TRUE(torch::equal(torch::rand({8}), a));
-  if (!torch::cuda::is_available()) {
+  if (!dpo::torch_cuda_available()) {
     try {
       dpo::default_rank_generators(torch::Device(torch::kCUDA, 0));
       FAIL() << "CUDA generators handed out without CUDA";

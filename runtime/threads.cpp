@@ -1,4 +1,4 @@
-#include "launch/threads.h"
+#include "runtime/threads.h"
 
 #include <dlfcn.h>
 #include <malloc.h>

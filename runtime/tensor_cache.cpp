@@ -1,4 +1,4 @@
-#include "launch/tensor_cache.h"
+#include "runtime/tensor_cache.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
