@@ -6,9 +6,21 @@
 #include "core/linear.h"
 #include "core/linear4bit.h"
 #include "core/nf4.h"
+#include "tests/fp_bounds.h"
 
 namespace dpo {
 namespace {
+
+using testutil::expect_within;
+using testutil::matmul_error_bound;
+
+// The products below run in another blocking / kernel than torch::matmul (a block of W's
+// rows at a time, strided outputs, addmm over blocks): each is compared with the float64
+// product of the same fp32 operands within Higham's bound gamma(K) |A| |B| for any
+// summation order (tests/fp_bounds.h).
+torch::Tensor mm64(const torch::Tensor& a, const torch::Tensor& b) {
+  return torch::matmul(a.to(torch::kFloat64), b.to(torch::kFloat64));
+}
 
 TEST(Linear4bit, ForwardIsXTimesDequantizedWeightTransposed) {
   torch::manual_seed(1);
@@ -17,7 +29,7 @@ TEST(Linear4bit, ForwardIsXTimesDequantizedWeightTransposed) {
   const torch::Tensor y = linear4bit_forward(x, w);
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 5, 24}));
   const torch::Tensor wd = nf4_dequantize(w, torch::kFloat32);
-  EXPECT_TRUE(torch::allclose(y, torch::matmul(x, wd.t()), 1e-6, 1e-6));
+  expect_within(y, mm64(x, wd.t()), matmul_error_bound(x, wd.t()), "y");
 }
 
 TEST(Linear4bit, GradInputIsGradOutTimesDequantizedWeight) {
@@ -30,7 +42,7 @@ TEST(Linear4bit, GradInputIsGradOutTimesDequantizedWeight) {
     y.backward(g);
     const torch::Tensor wd = nf4_dequantize(w, torch::kFloat32);
     ASSERT_TRUE(x.grad().defined());
-    EXPECT_TRUE(torch::allclose(x.grad(), torch::matmul(g, wd), 1e-5, 1e-5));
+    expect_within(x.grad(), mm64(g, wd), matmul_error_bound(g, wd), dq ? "grad_x, double quant" : "grad_x");
   }
 }
 
@@ -45,6 +57,7 @@ TEST(Linear4bit, BlocksOfRowsEqualTheWholeWeight) {
     const torch::Tensor wd = nf4_dequantize(w, torch::kFloat32);
     std::vector<float> part(3 * 128);
     nf4_dequantize_range_into(w, 2 * 128, 5 * 128, part.data());
+    // Exact: each weight is code * absmax, one product per element whatever the range.
     EXPECT_TRUE(torch::equal(torch::from_blob(part.data(), {3, 128}), wd.narrow(0, 2, 3)));
     EXPECT_THROW(nf4_dequantize_range_into(w, 32, 128, part.data()), std::runtime_error);  // not whole blocks
     const torch::Tensor x = torch::randn({2, 6, 128});
@@ -56,8 +69,9 @@ TEST(Linear4bit, BlocksOfRowsEqualTheWholeWeight) {
       y.backward(g);
       detail::set_linear4bit_rows_per_block(0);
       EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 6, 10}));
-      EXPECT_TRUE(torch::allclose(y, torch::matmul(x, wd.t()), 1e-6, 1e-6)) << rows;
-      EXPECT_TRUE(torch::allclose(xi.grad(), torch::matmul(g, wd), 1e-5, 1e-5)) << rows;
+      const std::string what = std::to_string(rows) + " rows per block" + (dq ? ", double quant" : "");
+      expect_within(y, mm64(x, wd.t()), matmul_error_bound(x, wd.t()), "y, " + what);
+      expect_within(xi.grad(), mm64(g, wd), matmul_error_bound(g, wd), "grad_x, " + what);
     }
   }
 }
@@ -65,21 +79,34 @@ TEST(Linear4bit, BlocksOfRowsEqualTheWholeWeight) {
 TEST(Linear4bit, GradInputMatchesFiniteDifferences) {
   torch::manual_seed(3);
   const Nf4Tensor w = nf4_quantize(torch::randn({6, 64}), true);
+  const torch::Tensor wd = nf4_dequantize(w, torch::kFloat32);
   const torch::Tensor x0 = torch::randn({3, 64});
   const torch::Tensor g = torch::randn({3, 6});
   torch::Tensor x = x0.clone().requires_grad_(true);
   (linear4bit_forward(x, w) * g).sum().backward();
   const torch::Tensor grad = x.grad();
+  const torch::Tensor grad_bound = matmul_error_bound(g, wd);  // grad = g @ W in fp32
   torch::NoGradGuard no_grad;
-  const float h = 1e-2f;
+  // f(x) = sum(g * (x @ W^T)) is linear in x: a central difference has no truncation error
+  // for any step, only f's rounding divided by the step, so the step is large. f's bound:
+  // each y = x @ W^T within gamma(64) |x| |W|^T, then 18 products g y summed (gamma(18)).
+  auto f = [&](const torch::Tensor& xv, double* bound) {
+    const torch::Tensor y = linear4bit_forward(xv, w);
+    *bound = (g.abs().to(torch::kFloat64) * matmul_error_bound(xv, wd.t())).sum().item<double>() +
+             testutil::gamma(18) * (g * y).abs().sum().item<double>();
+    return (y * g).sum().item<double>();
+  };
+  const float h = 1.0f;
   for (int64_t i : {0, 7, 63}) {
     for (int64_t r : {0, 2}) {
       torch::Tensor xp = x0.clone(), xm = x0.clone();
       xp[r][i] += h;
       xm[r][i] -= h;
-      const double fd = ((linear4bit_forward(xp, w) * g).sum().item<double>() -
-                         (linear4bit_forward(xm, w) * g).sum().item<double>()) / (2 * h);
-      EXPECT_NEAR(grad[r][i].item<double>(), fd, 1e-2 * std::max(1.0, std::fabs(fd))) << r << "," << i;
+      double bp = 0, bm = 0;
+      const double fp = f(xp, &bp), fm = f(xm, &bm);
+      const double step = xp[r][i].item<double>() - xm[r][i].item<double>();  // as rounded: exact in double
+      const double fd = (fp - fm) / step;
+      EXPECT_NEAR(grad[r][i].item<double>(), fd, (bp + bm) / step + grad_bound[r][i].item<double>()) << r << "," << i;
     }
   }
 }
@@ -106,7 +133,7 @@ TEST(Linear4bit, BackwardDequantizesAgainInsteadOfSavingTheDenseWeight) {
   }
   y.backward(g);
   const torch::Tensor w_now = w.absmax.repeat_interleave(64).reshape({64, 128});
-  EXPECT_TRUE(torch::allclose(x.grad(), torch::matmul(g, w_now), 1e-5, 1e-5));
+  expect_within(x.grad(), mm64(g, w_now), matmul_error_bound(g, w_now), "grad_x");
 }
 
 // ---- FrozenLinear ------------------------------------------------------------
@@ -126,8 +153,8 @@ TEST(FrozenLinear, DenseForward) {
   lin->set_weight(w, QuantOptions{});
   EXPECT_FALSE(lin->is_4bit());
   const torch::Tensor x = torch::randn({3, 32});
-  EXPECT_TRUE(torch::allclose(lin->forward(x), torch::matmul(x, w.t())));
-  EXPECT_TRUE(torch::equal(lin->dense_weight(), w));
+  expect_within(lin->forward(x), mm64(x, w.t()), matmul_error_bound(x, w.t()), "y");
+  EXPECT_TRUE(torch::equal(lin->dense_weight(), w));  // a copy
   EXPECT_TRUE(lin->parameters().empty());
   EXPECT_THROW(lin->set_weight(torch::randn({32, 16}), QuantOptions{}), std::runtime_error);
 }
@@ -144,9 +171,9 @@ TEST(FrozenLinear, Nf4ForwardEqualsXTimesDequantizedWeight) {
     ASSERT_TRUE(lin->is_4bit());
     EXPECT_EQ(lin->nf4_weight().double_quant(), dq);
     const torch::Tensor wd = nf4_dequantize(nf4_quantize(w, dq), torch::kFloat32);
-    EXPECT_TRUE(torch::equal(lin->dense_weight(), wd));
+    EXPECT_TRUE(torch::equal(lin->dense_weight(), wd));  // the same quantization of the same values
     const torch::Tensor x = torch::randn({2, 3, 128});
-    EXPECT_TRUE(torch::allclose(lin->forward(x), torch::matmul(x, wd.t()), 1e-6, 1e-6));
+    expect_within(lin->forward(x), mm64(x, wd.t()), matmul_error_bound(x, wd.t()), dq ? "y, double quant" : "y");
     EXPECT_TRUE(lin->parameters().empty());
   }
 }
@@ -213,7 +240,8 @@ TEST(FrozenLinear, GradientFlowsToInputOnly) {
   const torch::Tensor x = torch::randn({4, 64}).requires_grad_(true);
   const torch::Tensor g = torch::randn({4, 32});
   lin->forward(x).backward(g);
-  EXPECT_TRUE(torch::allclose(x.grad(), torch::matmul(g, lin->dense_weight()), 1e-5, 1e-5));
+  const torch::Tensor wd = lin->dense_weight();
+  expect_within(x.grad(), mm64(g, wd), matmul_error_bound(g, wd), "grad_x");
 }
 
 TEST(FrozenLinear, ToDtypeKeepsTheNf4DataAndChangesTheComputeDtype) {
@@ -234,7 +262,15 @@ TEST(FrozenLinear, ToDtypeKeepsTheNf4DataAndChangesTheComputeDtype) {
             before);
   const torch::Tensor y16 = lin->forward(x.to(torch::kBFloat16));
   EXPECT_EQ(y16.scalar_type(), torch::kBFloat16);
-  EXPECT_TRUE(torch::allclose(y16.to(torch::kFloat32), y32, 0.05, 0.1));
+  // y16 = bf16(x) @ bf16(W)^T on a bf16 GEMM that accumulates in fp32 and rounds its output
+  // to bf16 once (oneDNN, ATen's cpublas): rounding x and W costs gamma_bf16(2) |x| |W|^T,
+  // each fp32 accumulation (y16's and y32's) gamma_fp32(64) |x| |W|^T (times 1 + gamma_bf16(2)
+  // for the rounded operands), the output rounding u_bf16 |y|.
+  const torch::Tensor wd = nf4_dequantize(lin->nf4_weight(), torch::kFloat32);
+  const torch::Tensor xw = testutil::abs_product(x, wd.t());
+  const double g2 = testutil::gamma(2, torch::kBFloat16);
+  const torch::Tensor e = (g2 + testutil::gamma(64) * (2 + g2)) * xw;
+  expect_within(y16, y32, e + testutil::unit_roundoff(torch::kBFloat16) * (y32.abs().to(torch::kFloat64) + e), "y bf16");
   EXPECT_THROW(lin->to(torch::kFloat64), std::runtime_error);
 
   FrozenLinear dense(64, 32);
