@@ -6,6 +6,7 @@
 
 #include "core/llama.h"
 #include "launch/train_options.h"
+#include "tests/fp_bounds.h"
 
 namespace dpo::testutil {
 
@@ -42,6 +43,18 @@ inline TrainOptions tiny_run_options(const std::string& model_dir, const std::st
   o.collective_timeout = 0;
   o.threads = 1;
   return o;
+}
+
+/// The tolerance, relative to the largest |entry|, between two fp32 evaluations of model
+/// `c` on T tokens that differ only in the order of their sums (another attention kernel,
+/// token tiles, batch shape, BLAS blocking, thread count): 2 gamma(N), N the model's longest
+/// rounding chain (tests/fp_bounds.h, llama_forward_roundings), or 2N for gradients, whose
+/// backward chain follows the forward's. Against a float64 reference: half of it.
+inline double llama_rel_tolerance(const LlamaConfig& c, int64_t T, bool grads = false) {
+  const int64_t D = c.head_dim ? c.head_dim : c.hidden_size / c.num_attention_heads;
+  const double n = llama_forward_roundings(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, D,
+                                           c.intermediate_size, T);
+  return 2 * gamma(grads ? 2 * n : n);
 }
 
 }  // namespace dpo::testutil
