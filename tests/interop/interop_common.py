@@ -55,6 +55,7 @@ class Checks:
         self.script = script
         self.failed = []
         self.not_checked = []
+        self.known = []
         self.count = 0
         self.start = time.time()
         self.largest = {}  # group -> largest measured/bound ratio's (measured, bound)
@@ -100,6 +101,18 @@ class Checks:
             self.failed.append(name)
         return ok
 
+    def known_bug(self, name, ok, bug):
+        """A dpo_dist bug this suite found and reported, not fixed yet (strict: once it passes,
+        the marker must go, so a fix is never left unchecked)."""
+        self.count += 1
+        if ok:
+            print(f"FAIL {name}: passes now; remove its known_bug marker (was: {bug})", flush=True)
+            self.failed.append(name)
+        else:
+            print(f"KNOWN BUG {name}: {bug}", flush=True)
+            self.known.append(name)
+        return ok
+
     def cannot(self, name, why):
         """A step the installed backend cannot do: said, never passed silently."""
         self.not_checked.append(name)
@@ -109,7 +122,7 @@ class Checks:
         for g, (m, b) in sorted(self.largest.items()):
             print(f"largest {g}: {m:.3e} (bound {b:.1e})")
         dt = time.time() - self.start
-        print(f"{self.script}: {self.count} checks, {len(self.failed)} failed, "
+        print(f"{self.script}: {self.count} checks, {len(self.failed)} failed, {len(self.known)} known bugs, "
               f"{len(self.not_checked)} not checked, {dt:.1f} s", flush=True)
         if self.failed:
             print("failed: " + ", ".join(self.failed), flush=True)
