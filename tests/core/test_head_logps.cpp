@@ -3,7 +3,9 @@
 // sizes, bf16 hidden states, two targets read from one position (a shared prompt's
 // last token predicts both answers' first tokens), bad inputs, and the extras of
 // preference-loss variants: per-token weights (LD-DPO) and the WPO statistic
-// (mean of log p - log sum p^2), against ATen log_softmax in double.
+// (mean of log p - log sum p^2), against ATen log_softmax in double. Every fp32 result is
+// compared with the float64 value of the same inputs within a bound derived from its
+// operations (head_reference below, tests/fp_bounds.h).
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -15,19 +17,104 @@
 #include <torch/types.h>
 
 #include "core/dpo.h"
+#include "tests/fp_bounds.h"
 
 namespace {
 
 using torch::Tensor;
 
-double rel_err(const Tensor& a, const Tensor& b) {
-  return ((a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max() / b.to(torch::kDouble).abs().max().clamp_min(1e-30))
-      .item<double>();
-}
-
 struct Targets {
   Tensor pos, tok, seq;
 };
+
+constexpr double kU = 0x1p-24;  // fp32 unit roundoff
+
+// The float64 statistics of entries (pos, tok, seq) read from logits L = h W^T (or from h
+// itself when w is undefined: h holds logits), and bounds on any fp32 evaluation of them
+// (head_logps in chunks and vocabulary blocks, or sequence_logps of fp32 logits):
+//   L: the product, in any order or blocking, within E_L = gamma(C) |h| |W|^T (0 when h holds
+//      the logits; a -inf logit is exact);
+//   log-probs: E_L carried through log-softmax, the kernel's own log-softmax and the sums
+//      (fp_bounds.h: gathered_logp_sum_bound);
+//   mean logits: per entry the V-mean's share of E_L and gamma(V + 1) mean |L|, per sequence
+//      their mean and gamma(n + 1) of the mean |.|;
+//   WPO: log p - log sum p^2 = l - (lse(2L) - 2 lse(L)): the log-prob's bound, twice the
+//      log-sum-exp bound of 2L (the kernel squares its exps: twice their error), twice that of
+//      L, E_L carried through each (sum q e, q = softmax(2L), and sum p e), and the 3 roundings
+//      of combining; per sequence a mean as above;
+//   d(sum_i c_i l_i)/dh = G W with G = c (onehot - p) per entry (summed per position): p
+//      within softmax_error_bound plus E_L carried through the softmax (p (e + sum p e)),
+//      onehot - p and the coefficient's rounding (4u |c|); then G W within |E_G| |W| +
+//      gamma(2V) |G| |W| (V terms, and two entries at one position at most).
+// coef (M): the gradient's coefficient c_i of each entry (|c| is what matters), or undefined.
+// logit_rounding: a relative rounding of each logit on top (u_bf16 for a bf16 product that
+// accumulates in fp32 and rounds its output to bf16).
+struct HeadReference {
+  Tensor logps, logps_bound, mean_logits, mean_bound, wpo, wpo_bound;  // (R) float64
+  Tensor grad, grad_bound;                                             // h's shape
+};
+
+HeadReference head_reference(const Tensor& h, const Tensor& w, const Targets& tg, int64_t R, const Tensor& coef = {},
+                             const Tensor& weight = {}, double logit_rounding = 0) {
+  using dpo::testutil::gamma;
+  HeadReference r;
+  const int64_t D = h.size(-1);
+  const Tensor H = h.detach().to(torch::kDouble).reshape({-1, D});
+  Tensor L = H, E = torch::zeros_like(H);
+  if (w.defined()) {
+    const Tensor W = w.detach().to(torch::kDouble);
+    L = torch::matmul(H, W.t());
+    E = gamma(static_cast<double>(D)) * torch::matmul(H.abs(), W.abs().t()) + logit_rounding * L.abs();
+    E = torch::where(L.isinf() | E.isnan(), torch::zeros_like(E), E);
+  }
+  const int64_t V = L.size(1);
+  const Tensor rows = L.index_select(0, tg.pos), er = E.index_select(0, tg.pos);  // (M, V)
+  const Tensor idx = tg.tok.unsqueeze(1);
+  const Tensor lsm = torch::log_softmax(rows, 1);
+  const Tensor l = lsm.gather(1, idx).squeeze(1);
+  const Tensor n = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, torch::ones_like(l));
+  const Tensor nn = n.clamp_min(1);
+  auto per_seq = [&](const Tensor& x) { return torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, x); };
+  const Tensor wt = weight.defined() ? weight.to(torch::kDouble) : torch::ones_like(l);
+  r.logps = per_seq(wt * l);
+  r.logps_bound = dpo::testutil::gathered_logp_sum_bound(rows, tg.tok, tg.seq, R, torch::kFloat32, weight, er);
+  // Mean logits: a finite mean only (a -inf logit makes it -inf both ways).
+  const Tensor mean_v = rows.mean(1), emean = er.mean(1) + gamma(static_cast<double>(V + 1)) * rows.abs().mean(1);
+  r.mean_logits = per_seq(mean_v) / nn;
+  r.mean_bound = (per_seq(emean) + (n + 1) * kU / (1 - (n + 1) * kU) * per_seq(mean_v.abs())) / nn;
+  // WPO.
+  const Tensor lse = rows.logsumexp(1), lse2 = (2 * rows).logsumexp(1);
+  const Tensor p = torch::softmax(rows, 1), q = torch::softmax(2 * rows, 1);
+  const Tensor stat = l - (lse2 - 2 * lse);
+  const Tensor e_l = (dpo::testutil::log_softmax_error_bound(rows, 1) + dpo::testutil::log_softmax_input_error(rows, er, 1))
+                         .gather(1, idx)
+                         .squeeze(1);
+  const Tensor e_stat = e_l + 2 * dpo::testutil::logsumexp_error_bound(2 * rows, 1).squeeze(1) +
+                        2 * dpo::testutil::logsumexp_error_bound(rows, 1).squeeze(1) + 2 * (q * er).sum(1) +
+                        2 * (p * er).sum(1) + 3 * kU * (l.abs() + lse2.abs() + 2 * lse.abs());
+  r.wpo = per_seq(stat) / nn;
+  r.wpo_bound = (per_seq(e_stat) + (n + 1) * kU / (1 - (n + 1) * kU) * per_seq(stat.abs())) / nn;
+  if (coef.defined()) {
+    const Tensor c = coef.to(torch::kDouble).unsqueeze(1);  // (M, 1)
+    Tensor G = -c * p;
+    G.scatter_add_(1, idx, c);
+    const Tensor ep = dpo::testutil::softmax_error_bound(rows, 1) + p * (er + (p * er).sum(1, true));
+    const Tensor EG = c.abs() * (ep + 4 * kU);
+    const Tensor Gp = torch::zeros_like(L).index_add(0, tg.pos, G);
+    const Tensor EGp = torch::zeros_like(L).index_add(0, tg.pos, EG);
+    const Tensor AGp = torch::zeros_like(L).index_add(0, tg.pos, G.abs());
+    if (w.defined()) {
+      const Tensor W = w.detach().to(torch::kDouble);
+      r.grad = torch::matmul(Gp, W).view(h.sizes());
+      r.grad_bound = (torch::matmul(EGp, W.abs()) + gamma(static_cast<double>(2 * V)) * torch::matmul(AGp, W.abs()))
+                         .view(h.sizes());
+    } else {
+      r.grad = Gp.view(h.sizes());
+      r.grad_bound = (EGp + kU * AGp).view(h.sizes());
+    }
+  }
+  return r;
+}
 
 // The targets sequence_logps reads: row r, token t (mask) predicted by position t - 1.
 Targets targets_of(const Tensor& ids, const Tensor& mask) {
@@ -84,20 +171,29 @@ TEST_P(HeadLogps, EqualsSequenceLogpsOfFullLogitsWithGradients) {
   Targets tg = targets_of(ids, mask);
   dpo::SeqLogps got = dpo::head_logps(h, w, tg.pos, tg.tok, tg.seq, R);
   Tensor gh = torch::autograd::grad({(got.logps * g).sum()}, {h})[0];
-  EXPECT_LT(rel_err(got.logps, ref.logps), 1e-5);
-  EXPECT_LT(rel_err(got.mean_logits, ref.mean_logits), 1e-5);
+  // Both against the float64 values of h W^T, each within its fp32 bound.
+  using dpo::testutil::expect_within;
+  const HeadReference want = head_reference(h, w, tg, R, g.index_select(0, tg.seq));
+  expect_within(got.logps, want.logps, want.logps_bound, "head_logps logps");
+  expect_within(ref.logps, want.logps, want.logps_bound, "sequence_logps logps");
+  expect_within(got.mean_logits, want.mean_logits, want.mean_bound, "head_logps mean_logits");
+  expect_within(ref.mean_logits, want.mean_logits, want.mean_bound, "sequence_logps mean_logits");
   EXPECT_TRUE(torch::equal(got.token_counts, ref.token_counts));
   EXPECT_EQ(got.logps[3].item<float>(), 0.0f);
-  EXPECT_LT(rel_err(gh, gh_ref), 1e-5);
+  expect_within(gh, want.grad, want.grad_bound, "head_logps grad");
+  expect_within(gh_ref, want.grad, want.grad_bound, "sequence_logps grad");
 
-  // Without a weight, hidden holds the logits themselves (the full-logits path).
+  // Without a weight, hidden holds the logits themselves (the full-logits path): against
+  // the float64 statistics of those fp32 logits.
   Tensor logits = torch::matmul(h.detach(), w.t()).requires_grad_(true);
+  const HeadReference want_l = head_reference(logits, Tensor(), tg, R, g.index_select(0, tg.seq));
   dpo::SeqLogps full = dpo::head_logps(logits, Tensor(), tg.pos, tg.tok, tg.seq, R);
-  EXPECT_LT(rel_err(full.logps, ref.logps), 1e-5);
+  expect_within(full.logps, want_l.logps, want_l.logps_bound, "full-logits logps");
   Tensor gl = torch::autograd::grad({(full.logps * g).sum()}, {logits})[0];
   Tensor logits2 = torch::matmul(h.detach(), w.t()).requires_grad_(true);
   Tensor gl_ref = torch::autograd::grad({(dpo::sequence_logps(logits2, ids, mask).logps * g).sum()}, {logits2})[0];
-  EXPECT_LT(rel_err(gl, gl_ref), 1e-5);
+  expect_within(gl, want_l.grad, want_l.grad_bound, "full-logits grad");
+  expect_within(gl_ref, want_l.grad, want_l.grad_bound, "sequence_logps grad of the logits");
 }
 
 // LD-DPO weights and the WPO statistic against log_softmax in double, values and
@@ -125,21 +221,30 @@ TEST_P(HeadLogps, TokenWeightsAndWpoStatisticMatchLogSoftmax) {
   Tensor want_plain = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp);
   Tensor gh_ref = torch::autograd::grad(
       {(want * g.to(torch::kDouble)).sum() + (want_plain * g2.to(torch::kDouble)).sum()}, {h2})[0];
-  EXPECT_LT(rel_err(got.logps, want), 1e-5);
-  EXPECT_LT(rel_err(got.unweighted_logps, want_plain), 1e-5);
-  EXPECT_LT(rel_err(gh, gh_ref), 1e-5);
+  // Bounds of the fp32 evaluation (head_reference): the weights are rounded to fp32 and
+  // multiplied in (2u of each weighted term: the product's u and the conversion's); the
+  // gradient's coefficient per entry is g tw + g2.
+  using dpo::testutil::expect_within;
+  const Tensor gs = g.to(torch::kDouble).index_select(0, tg.seq), g2s = g2.to(torch::kDouble).index_select(0, tg.seq);
+  const HeadReference bw = head_reference(h, w, tg, R, gs * tw + g2s, tw);
+  const HeadReference bp = head_reference(h, w, tg, R);
+  const Tensor tw_round = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, kU * (tw * lp.detach()).abs());
+  // want comes from fp32 logits too (within the same bound of the float64 value): 2x.
+  expect_within(got.logps, want.detach(), 2 * bw.logps_bound + tw_round, "weighted logps");
+  expect_within(got.unweighted_logps, want_plain.detach(), 2 * bp.logps_bound, "unweighted logps");
+  expect_within(gh, gh_ref, 2 * bw.grad_bound, "grad");
   EXPECT_FALSE(got.wpo_logps.requires_grad());
   // WPO: per sequence, mean over its tokens of log p - log sum_v p_v^2.
   Tensor lsq = (2 * lsm.detach()).logsumexp({1}).index_select(0, tg.pos);
   Tensor n = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, torch::ones({M}, torch::kDouble));
   Tensor wpo = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp.detach() - lsq) / n;
-  EXPECT_LT(rel_err(got.wpo_logps, wpo), 1e-5);
+  expect_within(got.wpo_logps, wpo, 2 * bp.wpo_bound, "wpo");
   // Off by default: no statistic, unweighted sums.
   dpo::SeqLogps plain = dpo::head_logps(h.detach(), w, tg.pos, tg.tok, tg.seq, R);
   EXPECT_FALSE(plain.wpo_logps.defined());
   EXPECT_FALSE(plain.unweighted_logps.defined());
   Tensor unweighted = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp.detach());
-  EXPECT_LT(rel_err(plain.logps, unweighted), 1e-5);
+  expect_within(plain.logps, unweighted, 2 * bp.logps_bound, "plain logps");
 }
 
 // A frozen lm_head kept in bf16/fp16 under fp32 hidden states (llama_table_dtype) gives
@@ -158,12 +263,17 @@ TEST_P(HeadLogps, HalfPrecisionWeightEqualsItsWidening) {
     dpo::SeqLogps got = dpo::head_logps(h1, w, tg.pos, tg.tok, tg.seq, R, extra);
     dpo::SeqLogps want = dpo::head_logps(h2, w.to(torch::kFloat), tg.pos, tg.tok, tg.seq, R, extra);
     EXPECT_EQ(w.scalar_type(), dt);  // not widened in place
-    EXPECT_LT(rel_err(got.logps, want.logps), 1e-6) << c10::toString(dt);
-    EXPECT_LT(rel_err(got.mean_logits, want.mean_logits), 1e-6);
-    EXPECT_LT(rel_err(got.wpo_logps, want.wpo_logps), 1e-6);
+    // Two fp32 evaluations of the same logits (the widening is exact, the blocks differ):
+    // each within the bounds of head_reference, so twice that between them.
+    using dpo::testutil::expect_within;
+    const std::string name = c10::toString(dt);
+    const HeadReference b = head_reference(h, w.to(torch::kFloat), tg, R, g.index_select(0, tg.seq));
+    expect_within(got.logps, want.logps, 2 * b.logps_bound, name + " logps");
+    expect_within(got.mean_logits, want.mean_logits, 2 * b.mean_bound, name + " mean_logits");
+    expect_within(got.wpo_logps, want.wpo_logps, 2 * b.wpo_bound, name + " wpo");
     Tensor gh1 = torch::autograd::grad({(got.logps * g).sum()}, {h1})[0];
     Tensor gh2 = torch::autograd::grad({(want.logps * g).sum()}, {h2})[0];
-    EXPECT_LT(rel_err(gh1, gh2), 1e-5);
+    expect_within(gh1, gh2, 2 * b.grad_bound, name + " grad");
 
     // Vocabulary entry 7 masked (-inf weight, column 0 of hidden > 0): logit 7 is -inf
     // at every position; each row is redone exactly and matches log_softmax in double.
@@ -175,7 +285,8 @@ TEST_P(HeadLogps, HalfPrecisionWeightEqualsItsWidening) {
     Tensor lp = lsm.index_select(0, tg.pos).gather(1, tg.tok.unsqueeze(1)).squeeze(1);
     Tensor want_lp = torch::zeros({R}, torch::kDouble).index_add(0, tg.seq, lp);
     EXPECT_TRUE(torch::isfinite(masked.logps).all().item<bool>());
-    EXPECT_LT(rel_err(masked.logps, want_lp), 1e-5);
+    // want_lp is the log_softmax of fp32 logits (their product error): 2x.
+    expect_within(masked.logps, want_lp, 2 * head_reference(hd, w.to(torch::kFloat), tg, R).logps_bound, name + " masked");
   }
 }
 
@@ -198,8 +309,9 @@ TEST(HeadLogpsMore, WpoStatisticOnTheExactPath) {
   dpo::SeqLogps got = dpo::head_logps(logits, Tensor(), pos, tok, seq, 2, extra);
   Tensor lsm = torch::log_softmax(logits[0].to(torch::kDouble), -1);
   auto stat = [&](int64_t p, int64_t t) { return (lsm[p][t] - (2 * lsm[p]).logsumexp(0)).item<double>(); };
-  EXPECT_NEAR(got.wpo_logps[0].item<double>(), (stat(0, 3) + stat(1, 4)) / 2, 1e-5);
-  EXPECT_NEAR(got.wpo_logps[1].item<double>(), (stat(2, 5) + stat(3, 6)) / 2, 1e-5);
+  const Tensor wb = head_reference(logits, Tensor(), Targets{pos, tok, seq}, 2).wpo_bound;
+  EXPECT_NEAR(got.wpo_logps[0].item<double>(), (stat(0, 3) + stat(1, 4)) / 2, wb[0].item<double>());
+  EXPECT_NEAR(got.wpo_logps[1].item<double>(), (stat(2, 5) + stat(3, 6)) / 2, wb[1].item<double>());
   // log sum p^2 <= 0, so the statistic is >= log p: weights exp(w_c + w_r) can exceed 1 (TRL clamps)
   EXPECT_GE(got.wpo_logps[0].item<double>(), (lsm[0][3] + lsm[1][4]).item<double>() / 2);
 }
@@ -234,6 +346,8 @@ TEST(HeadLogpsMore, AnswerTargetsReproduceSequenceLogps) {
   EXPECT_TRUE(torch::equal(t.sequence, mine.seq));
   dpo::SeqLogps a = dpo::head_logps(logits, Tensor(), t.position, t.token, t.sequence, R);
   dpo::SeqLogps b = dpo::sequence_logps(logits, ids, mask);
+  // Exact: both run the same per-position log-sum-exp (fast_lse) on the same logits and add
+  // the same entries in the same order.
   EXPECT_TRUE(torch::equal(a.logps, b.logps));
   EXPECT_TRUE(torch::equal(a.token_counts, b.token_counts));
   Tensor bad = ids.clone();
@@ -250,22 +364,33 @@ TEST(HeadLogpsMore, OnePositionPredictsTwoSequencesAndBf16) {
   Tensor pos = torch::tensor({2, 3, 2, 4}, torch::kLong), tok = torch::tensor({5, 6, 7, 8}, torch::kLong);
   Tensor seq = torch::tensor({0, 0, 1, 1}, torch::kLong);
   dpo::SeqLogps got = dpo::head_logps(h, w, pos, tok, seq, 2);
+  // Against the float64 values of h W^T (the reference's own fp32 logits carry the same
+  // product error as head_logps's, so their log_softmax is within the same bound).
+  const HeadReference want = head_reference(h, w, Targets{pos, tok, seq}, 2, torch::ones({4}, torch::kDouble));
+  dpo::testutil::expect_within(got.logps, want.logps, want.logps_bound, "logps");
   Tensor lsm = torch::log_softmax(torch::matmul(h, w.t())[0].to(torch::kDouble), -1);
   const double want0 = (lsm[2][5] + lsm[3][6]).item<double>(), want1 = (lsm[2][7] + lsm[4][8]).item<double>();
-  EXPECT_NEAR(got.logps[0].item<double>(), want0, 1e-5 * std::abs(want0));
-  EXPECT_NEAR(got.logps[1].item<double>(), want1, 1e-5 * std::abs(want1));
+  EXPECT_NEAR(got.logps[0].item<double>(), want0, 2 * want.logps_bound[0].item<double>());
+  EXPECT_NEAR(got.logps[1].item<double>(), want1, 2 * want.logps_bound[1].item<double>());
   Tensor gh = torch::autograd::grad({got.logps.sum()}, {h})[0];
   Tensor h2 = h.detach().clone().requires_grad_(true);
   Tensor l2 = torch::log_softmax(torch::matmul(h2, w.t())[0], -1);
   Tensor gh2 = torch::autograd::grad({l2[2][5] + l2[3][6] + l2[2][7] + l2[4][8]}, {h2})[0];
-  EXPECT_LT(rel_err(gh, gh2), 1e-5);
+  dpo::testutil::expect_within(gh, want.grad, want.grad_bound, "grad");
+  dpo::testutil::expect_within(gh2, want.grad, want.grad_bound, "autograd grad");
 
   // bf16 hidden states and weight: logits upcast to fp32 like the model's forward.
   Tensor hb = h.detach().to(torch::kBFloat16), wb = w.to(torch::kBFloat16);
   dpo::SeqLogps b = dpo::head_logps(hb, wb, pos, tok, seq, 2);
   EXPECT_EQ(b.logps.scalar_type(), torch::kFloat32);
   Tensor lb = torch::log_softmax(torch::matmul(hb, wb.t()).to(torch::kFloat32)[0], -1);
-  EXPECT_NEAR(b.logps[0].item<double>(), (lb[2][5] + lb[3][6]).item<double>(), 1e-4);
+  // Each logit: the bf16 values' products accumulated in fp32 (gamma(C) |h| |w|^T) and
+  // rounded to bf16 (u_bf16 |L|): another blocking may round a logit the other way, so
+  // the two sides are each within that bound of the float64 value of the bf16 inputs.
+  const HeadReference wantb = head_reference(hb, wb, Targets{pos, tok, seq}, 2, Tensor(), Tensor(),
+                                             dpo::testutil::unit_roundoff(torch::kBFloat16));
+  dpo::testutil::expect_within(b.logps, wantb.logps, wantb.logps_bound, "bf16 logps");
+  EXPECT_NEAR(b.logps[0].item<double>(), (lb[2][5] + lb[3][6]).item<double>(), 2 * wantb.logps_bound[0].item<double>());
 }
 
 TEST(HeadLogpsMore, RejectsBadInputs) {
