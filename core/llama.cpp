@@ -16,6 +16,7 @@
 #include "core/safetensors.h"
 #include "util/fs.h"
 #include "util/json_int.h"
+#include "util/json_read.h"
 #include "util/tensor_str.h"
 
 namespace dpo {
@@ -287,15 +288,7 @@ void llama_check_max_length(const LlamaConfig& cfg, int64_t max_length, const st
 LlamaConfig llama_config_load(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) throw std::runtime_error(path + ": not found (a Hugging Face model directory needs config.json)");
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw std::runtime_error(path + ": cannot open");
-  std::string text;
-  char buf[65536];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
-  bool err = std::ferror(f) != 0;
-  std::fclose(f);
-  if (err) throw std::runtime_error(path + ": read error");
+  const std::string text = json_read_file(path, kJsonConfigMaxBytes);
   return llama_config_from_json(json_parse_strict(text, path), path);
 }
 

@@ -18,6 +18,7 @@
 
 #include "core/safetensors.h"
 #include "util/fs.h"
+#include "util/json_read.h"
 #include "util/tensor_str.h"
 
 namespace dpo {
@@ -159,12 +160,12 @@ LoraConfig lora_config_load(const std::string& dir) {
   const std::string path = (fs::path(dir) / kAdapterConfig).string();
   std::ifstream in(path);
   if (!in) throw std::runtime_error(path + ": cannot open (is " + dir + " a PEFT adapter directory?)");
-  std::stringstream ss;
-  ss << in.rdbuf();
+  in.close();
+  const std::string text = json_read_file(path, kJsonConfigMaxBytes);
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(ss.str());
-  } catch (const std::exception& e) {
+    j = json_parse(text, path);
+  } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error(path + ": invalid JSON: " + e.what());
   }
   if (!j.is_object()) throw std::runtime_error(path + ": not a JSON object");

@@ -5,6 +5,7 @@
 #include "core/nf4.h"
 #include "core/nf4_code.h"
 #include "util/json_int.h"
+#include "util/json_read.h"
 
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
@@ -522,9 +523,11 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
   const std::string js(reinterpret_cast<const char*>(qsb.data_ptr<uint8_t>()), static_cast<size_t>(qsb.numel()));
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(js);
-  } catch (const std::exception& e) {
+    j = json_parse(js, "");
+  } catch (const nlohmann::json::exception& e) {
     fail(qs_nf4, std::string("invalid JSON: ") + e.what());
+  } catch (const JsonLimitError& e) {
+    fail(qs_nf4, e.what());
   }
   if (!j.is_object()) fail(qs_nf4, "JSON is not an object");
   // An integer field: a JSON integer that fits int64 (get<int64_t> of a float like 9.2e21

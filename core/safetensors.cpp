@@ -1,6 +1,7 @@
 #include "core/safetensors.h"
 
 #include "util/fs.h"
+#include "util/json_read.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -138,7 +139,7 @@ nlohmann::json json_parse_strict(const std::string& text, const std::string& wha
   if (bad >= 0) throw std::runtime_error(what + ": not valid UTF-8 (byte " + std::to_string(bad) + ")");
   json j;
   try {
-    j = json::parse(text, cb);
+    j = json_parse(text, what, {}, cb);
   } catch (const json::exception& e) {
     throw std::runtime_error(what + ": invalid JSON: " + e.what());
   }
@@ -522,7 +523,7 @@ HfCheckpoint::HfCheckpoint(const std::string& dir) : impl_(std::make_unique<Impl
   if (fs::is_regular_file(d / kIndexFile, ec)) {
     m.source = kIndexFile;
     const std::string index_path = (d / kIndexFile).string();
-    nlohmann::json j = json_parse_strict(read_file(index_path), index_path);
+    nlohmann::json j = json_parse_strict(json_read_file(index_path, kJsonConfigMaxBytes), index_path);
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       throw std::runtime_error(index_path + ": missing the \"weight_map\" object");
     std::map<std::string, size_t> file_idx;

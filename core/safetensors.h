@@ -27,9 +27,10 @@ namespace dpo {
 /// Largest header accepted (the Python/Rust library's limit).
 constexpr uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 
-/// Parses JSON text strictly: like nlohmann::json::parse, but a key repeated in
-/// any object is an error (nlohmann keeps the last one silently, which would let
-/// two header entries disagree about a tensor). `what` (a file name) prefixes errors.
+/// Parses JSON text strictly: like json_parse (util/json_read.h: nesting past
+/// kJsonMaxDepth refused), but a key repeated in any object is an error (nlohmann
+/// keeps the last one silently, which would let two header entries disagree about a
+/// tensor), and so is invalid UTF-8. `what` (a file name) prefixes errors.
 nlohmann::json json_parse_strict(const std::string& text, const std::string& what);
 
 /// One validated safetensors file, memory-mapped read-only. Move-only.

@@ -23,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "util/json_read.h"
+
 namespace dpo {
 
 ChatTemplateError::ChatTemplateError(int line, const std::string& message)
@@ -3260,7 +3262,7 @@ std::optional<ChatTemplateSource> find_chat_template(const std::string& file, co
   if (!read_text_file(cfg_path, &cfg_text)) return std::nullopt;
   nlohmann::json cfg;
   try {
-    cfg = nlohmann::json::parse(cfg_text);
+    cfg = json_parse(cfg_text, cfg_path, {kJsonConfigMaxBytes});
   } catch (const nlohmann::json::parse_error& e) {
     throw std::runtime_error(cfg_path + ": malformed JSON: " + e.what());
   }

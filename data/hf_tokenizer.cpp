@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/sha256.h"
+#include "util/json_read.h"
 
 namespace dpo {
 namespace {
@@ -932,10 +933,8 @@ HfTokenizer::HfTokenizer(const std::string& json_path, const SpecialTokenConfig&
   std::ifstream in(json_path, std::ios::binary);
   if (!in)
     throw std::runtime_error(json_path + ": cannot open tokenizer.json (give --tokenizer FILE or --model_name_or_path DIR)");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw std::runtime_error(json_path + ": read error");
-  load(ss.str(), json_path, special);
+  in.close();
+  load(json_read_file(json_path, kJsonTokenizerMaxBytes), json_path, special);
 }
 
 std::unique_ptr<HfTokenizer> HfTokenizer::from_string(const std::string& json_text, const std::string& name,
@@ -954,7 +953,7 @@ void HfTokenizer::load(const std::string& text, const std::string& name, const S
   const Ctx c{name};
   json j;
   try {
-    j = json::parse(text);
+    j = json_parse(text, name, {kJsonTokenizerMaxBytes});
   } catch (const json::exception& e) {
     throw std::runtime_error(name + ": not valid JSON (" + e.what() + ")");
   }
@@ -1035,14 +1034,25 @@ void HfTokenizer::load(const std::string& text, const std::string& name, const S
   }
 
   // ---- normalizer
-  std::function<void(const json&, const std::string&)> add_norm = [&](const json& n, const std::string& path) {
+  // A Sequence may hold Sequences: bounded, so a hostile file fails instead of recursing
+  // once per level (real tokenizers nest one or two).
+  constexpr int kMaxSequenceNesting = 32;
+  auto check_nesting = [&](int depth, const char* root) {
+    if (depth > kMaxSequenceNesting)
+      c.fail(root, "a Sequence nested more than " + std::to_string(kMaxSequenceNesting) +
+                       " levels deep (real tokenizers nest one or two)");
+  };
+  std::function<void(const json&, const std::string&, int)> add_norm = [&](const json& n, const std::string& path,
+                                                                           int depth) {
     if (n.is_null()) return;
     const std::string type = c.str(n, path, "type");
     using K = Impl::NormKind;
     if (type == "Sequence") {
+      check_nesting(depth + 1, "/normalizer");
       const json& list = c.get(n, path, "normalizers");
       if (!list.is_array()) c.fail(path + "/normalizers", "expected an array");
-      for (size_t i = 0; i < list.size(); ++i) add_norm(list[i], path + "/normalizers/" + std::to_string(i));
+      for (size_t i = 0; i < list.size(); ++i)
+        add_norm(list[i], path + "/normalizers/" + std::to_string(i), depth + 1);
     } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
       I.norm_ops.emplace_back(type == "NFC" ? K::kNFC : type == "NFD" ? K::kNFD : type == "NFKC" ? K::kNFKC : K::kNFKD);
     } else if (type == "Prepend") {
@@ -1064,19 +1074,22 @@ void HfTokenizer::load(const std::string& text, const std::string& name, const S
                                  "\" (supported: Sequence, NFC, NFD, NFKC, NFKD, Prepend, Replace, Strip)");
     }
   };
-  if (auto it = j.find("normalizer"); it != j.end()) add_norm(*it, "/normalizer");
+  if (auto it = j.find("normalizer"); it != j.end()) add_norm(*it, "/normalizer", 0);
 
   // ---- pre-tokenizer
-  std::function<void(const json&, const std::string&)> add_pre = [&](const json& p, const std::string& path) {
+  std::function<void(const json&, const std::string&, int)> add_pre = [&](const json& p, const std::string& path,
+                                                                          int depth) {
     if (p.is_null()) return;
     const std::string type = c.str(p, path, "type");
     if (I.byte_level)
       c.fail(path, "a pre-tokenizer after ByteLevel is not supported (ByteLevel must come last)");
     using K = Impl::PreKind;
     if (type == "Sequence") {
+      check_nesting(depth + 1, "/pre_tokenizer");
       const json& list = c.get(p, path, "pretokenizers");
       if (!list.is_array()) c.fail(path + "/pretokenizers", "expected an array");
-      for (size_t i = 0; i < list.size(); ++i) add_pre(list[i], path + "/pretokenizers/" + std::to_string(i));
+      for (size_t i = 0; i < list.size(); ++i)
+        add_pre(list[i], path + "/pretokenizers/" + std::to_string(i), depth + 1);
     } else if (type == "Split") {
       Impl::PreOp op(K::kSplitRegex);
       const json& pat = c.get(p, path, "pattern");
@@ -1143,7 +1156,7 @@ void HfTokenizer::load(const std::string& text, const std::string& name, const S
                                  "\" (supported: Sequence, Split, ByteLevel, Metaspace)");
     }
   };
-  if (auto it = j.find("pre_tokenizer"); it != j.end()) add_pre(*it, "/pre_tokenizer");
+  if (auto it = j.find("pre_tokenizer"); it != j.end()) add_pre(*it, "/pre_tokenizer", 0);
 
   // bytes_char: printable bytes map to themselves, the others to U+0100 + n in order.
   {

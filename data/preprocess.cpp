@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "util/json_read.h"
+
 namespace dpo {
 
 void validate_limits(int64_t max_length, int64_t max_prompt_length) {
@@ -271,7 +273,24 @@ std::pair<int64_t, int64_t> rank_byte_range(int64_t total, int world, int rank) 
 
 namespace {
 
-// Buffered line reader over one file from a byte offset; lines exclude '\n'.
+// Number of '\n' in [0, end) of a file (line numbers of error messages only).
+int64_t count_newlines(const std::string& path, int64_t end) {
+  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!f) return 0;
+  std::vector<char> buf(1 << 20);
+  int64_t count = 0, done = 0;
+  while (done < end) {
+    size_t n = std::fread(buf.data(), 1, std::min<int64_t>(buf.size(), end - done), f.get());
+    if (n == 0) break;
+    count += std::count(buf.data(), buf.data() + n, '\n');
+    done += int64_t(n);
+  }
+  return count;
+}
+
+// Buffered line reader over one file from a byte offset; lines exclude '\n'. A line
+// longer than kJsonRowMaxBytes (util/json_read.h) is refused before the buffer grows
+// further: such a file is no JSONL preference data, and reading on could take all memory.
 class LineReader {
  public:
   LineReader(const std::string& path, int64_t start) : path_(path), f_(std::fopen(path.c_str(), "rb"), &std::fclose) {
@@ -310,7 +329,13 @@ class LineReader {
       tail_ -= head_;
       head_ = 0;
     }
-    if (tail_ == buf_.size()) buf_.resize(buf_.size() * 2);  // a line longer than the buffer
+    if (tail_ == buf_.size()) {  // a line longer than the buffer
+      if (int64_t(tail_) > kJsonRowMaxBytes)
+        throw InvalidLineError(path_ + ":" + std::to_string(count_newlines(path_, buf_pos_) + 1) +
+                               ": a line of more than " + std::to_string(kJsonRowMaxBytes >> 20) +
+                               " MiB, over the limit of a JSONL row; is this file really preference data?");
+      buf_.resize(buf_.size() * 2);
+    }
     size_t n = std::fread(buf_.data() + tail_, 1, buf_.size() - tail_, f_.get());
     if (n == 0) {
       if (std::ferror(f_.get())) throw std::runtime_error(path_ + ": read error: " + std::strerror(errno));
@@ -326,21 +351,6 @@ class LineReader {
   int64_t buf_pos_ = 0;
   bool eof_ = false;
 };
-
-// Number of '\n' in [0, end) of a file (line numbers of error messages only).
-int64_t count_newlines(const std::string& path, int64_t end) {
-  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!f) return 0;
-  std::vector<char> buf(1 << 20);
-  int64_t count = 0, done = 0;
-  while (done < end) {
-    size_t n = std::fread(buf.data(), 1, std::min<int64_t>(buf.size(), end - done), f.get());
-    if (n == 0) break;
-    count += std::count(buf.data(), buf.data() + n, '\n');
-    done += int64_t(n);
-  }
-  return count;
-}
 
 // The kind of a file's rows: that of its first line that is a JSON object (every rank
 // reads it from the file's start, so all ranks agree whatever their share). *line gets
@@ -424,7 +434,7 @@ void preprocess_range(const TextTokenizer& tok, const PreprocessOptions& opts, c
                                  ") is a " + row_kind_name(file_kind) +
                                  " row; a file holds one kind of rows: split it into two files");
       }
-      if (reason == InvalidReason::kNoChatTemplate)
+      if (reason == InvalidReason::kNoChatTemplate || reason == InvalidReason::kJsonLimit)
         throw InvalidLineError(path + ":" + std::to_string(line_number()) + ": " + detail);
       int64_t encoded = 0;
       if (reason == InvalidReason::kNone) {

@@ -99,6 +99,9 @@ struct PreprocessStats {
 };
 
 /// An invalid line hit without skip_invalid: what() is "FILE:LINE: reason (detail); ...".
+/// Also, with or without it, a line that is never skipped: a conversational row without a
+/// chat template, JSON past the limits of util/json_read.h ("FILE:LINE: JSON nested
+/// deeper than 512 levels ..."), a line of more than 128 MiB.
 struct InvalidLineError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

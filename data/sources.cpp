@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/chat_template.h"
+#include "util/json_read.h"
 
 namespace dpo {
 
@@ -42,6 +43,7 @@ const char* invalid_reason_text(InvalidReason r) {
     case InvalidReason::kTemplateError: return "chat template error";
     case InvalidReason::kPromptNotPrefix: return "prompt rendering not a prefix";
     case InvalidReason::kNoChatTemplate: return "no chat template";
+    case InvalidReason::kJsonLimit: return "JSON past the reader's limits";
     case InvalidReason::kCount: break;
   }
   return "?";
@@ -63,6 +65,7 @@ const char* invalid_reason_key(InvalidReason r) {
     case InvalidReason::kTemplateError: return "template_error";
     case InvalidReason::kPromptNotPrefix: return "prompt_not_prefix";
     case InvalidReason::kNoChatTemplate: return "no_chat_template";
+    case InvalidReason::kJsonLimit: return "json_limit";
     case InvalidReason::kCount: break;
   }
   return "?";
@@ -126,6 +129,10 @@ bool is_blank(std::string_view s) {
 namespace {
 
 using Json = nlohmann::ordered_json;  // key order of messages matters to templates (tojson, keys())
+
+// Said after a row past the JSON limits: such a line is no preference row, and the file
+// is likely not one either.
+constexpr const char* kRowLimitHint = "is this file really preference data?";
 
 const char* json_type_name(const Json& v) { return v.type_name(); }
 
@@ -334,7 +341,10 @@ InvalidReason parse_preference_line(std::string_view line, InputFormat format, R
   }
   Json obj;
   try {
-    obj = Json::parse(line.begin(), line.end());
+    obj = json_parse<Json>(line, "", {kJsonRowMaxBytes, kRowLimitHint});
+  } catch (const JsonLimitError& e) {
+    *detail = e.what();
+    return InvalidReason::kJsonLimit;
   } catch (const Json::exception& e) {
     // parse_error, and out_of_range for a number beyond double ("1e400"; found by
     // tests/fuzz/fuzz_jsonl_rows). e.what() starts with "[json.exception.parse_error.101] ";
@@ -377,7 +387,7 @@ InvalidReason parse_preference_line(std::string_view line, InputFormat format, R
 
 RowKind preference_row_kind(std::string_view line, InputFormat format) {
   if (!is_valid_utf8(line)) return RowKind::kUnknown;
-  Json obj = Json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
+  Json obj = json_parse_or_discarded<Json>(line, {kJsonRowMaxBytes});
   if (!obj.is_object()) return RowKind::kUnknown;
   return format == InputFormat::kTrl && object_is_conversational(obj) ? RowKind::kConversational : RowKind::kText;
 }

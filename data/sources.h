@@ -37,6 +37,8 @@ enum class InvalidReason {
   kPromptNotPrefix,   ///< conversational: render(prompt + answer) does not start with
                       ///< render(prompt, add_generation_prompt=true)
   kNoChatTemplate,    ///< conversational row without a chat template: never skipped (fatal)
+  kJsonLimit,         ///< JSON nested deeper than kJsonMaxDepth or longer than kJsonRowMaxBytes
+                      ///< (util/json_read.h): never skipped (fatal; not preference data)
   kCount
 };
 inline constexpr int kNumInvalidReasons = static_cast<int>(InvalidReason::kCount);

@@ -9,6 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "util/json_read.h"
+
 namespace dpo {
 
 const char* tokenizer_type_name(TokenizerKind kind) {
@@ -22,11 +24,11 @@ std::unique_ptr<nlohmann::json> read_json_object(const std::string& path) {
   if (!std::filesystem::exists(path)) return nullptr;
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
-  std::ostringstream ss;
-  ss << in.rdbuf();
+  in.close();
+  const std::string text = json_read_file(path, kJsonConfigMaxBytes);
   auto j = std::make_unique<nlohmann::json>();
   try {
-    *j = nlohmann::json::parse(ss.str());
+    *j = json_parse(text, path);
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error(path + ": not valid JSON (" + e.what() + ")");
   }

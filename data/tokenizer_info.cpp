@@ -14,6 +14,7 @@
 
 #include "data/sha256.h"
 #include "data/text_tokenizer.h"
+#include "util/json_read.h"
 
 namespace dpo {
 namespace {
@@ -119,7 +120,7 @@ void TokenizerInfo::parse_tokenizer_json(const std::string& bytes) {
   const std::string& model_path = path_;
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(bytes);
+    j = json_parse(bytes, model_path, {kJsonTokenizerMaxBytes});
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error(model_path + ": not valid JSON (" + e.what() + ")");
   }

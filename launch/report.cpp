@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "util/fs.h"  // write_file_atomic
+#include "util/json_read.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -327,7 +328,9 @@ ReportRun report_load_run(const std::string& output_dir) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     json ev;
     try {
-      ev = json::parse(line);
+      ev = json_parse(line, mpath + " line " + std::to_string(n), {kJsonRowMaxBytes});
+    } catch (const JsonLimitError&) {
+      throw;
     } catch (const std::exception& e) {
       // A line still being appended by a live run ends the file early; anything else is an error.
       if (in.peek() == EOF && line.back() != '}') break;
@@ -340,12 +343,10 @@ ReportRun report_load_run(const std::string& output_dir) {
   const std::string apath = output_dir + "/training_args.json";
   std::error_code ec;
   if (fs::exists(apath, ec)) {
-    std::ifstream a(apath);
-    std::stringstream ss;
-    ss << a.rdbuf();
+    const std::string text = json_read_file(apath, kJsonConfigMaxBytes);
     try {
-      run.args = json::parse(ss.str());
-    } catch (const std::exception& e) {
+      run.args = json_parse(text, apath);
+    } catch (const json::exception& e) {
       throw std::runtime_error(apath + ": not valid JSON (" + e.what() + ")");
     }
     const auto t0 = fs::last_write_time(apath, ec);
@@ -354,13 +355,14 @@ ReportRun report_load_run(const std::string& output_dir) {
   }
   if (run.args.is_object() && run.args.contains("model_name_or_path") && run.args["model_name_or_path"].is_string()) {
     const std::string cpath = run.args["model_name_or_path"].get<std::string>() + "/config.json";
-    std::ifstream c(cpath);
-    if (c) {
-      std::stringstream ss;
-      ss << c.rdbuf();
-      run.model_config = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-      if (run.model_config.is_discarded()) run.model_config = json();
+    std::string text;
+    try {
+      text = json_read_file(cpath, kJsonConfigMaxBytes);
+    } catch (const std::exception&) {
+      // The report draws without the model's config (a moved or deleted model directory).
     }
+    run.model_config = json_parse_or_discarded(text);
+    if (run.model_config.is_discarded()) run.model_config = json();
   }
   return run;
 }

@@ -2,6 +2,7 @@
 
 #include "core/safetensors.h"
 #include "util/fs.h"
+#include "util/json_read.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -33,14 +34,14 @@ bool parse_step(const std::string& name, int64_t* step) {
   return true;
 }
 bool is_complete(const fs::path& dir) {
-  std::ifstream in(dir / "trainer_state.json");
-  if (!in) return false;
+  std::string text;
   try {
-    auto j = nlohmann::json::parse(in);
-    return j.contains("global_step");
-  } catch (...) {
+    text = json_read_file((dir / "trainer_state.json").string(), kJsonConfigMaxBytes);
+  } catch (const std::exception&) {
     return false;
   }
+  const auto j = json_parse_or_discarded(text);
+  return j.is_object() && j.contains("global_step");
 }
 }  // namespace
 

@@ -29,6 +29,7 @@
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
 #include "util/fs.h"
+#include "util/json_read.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -363,10 +364,11 @@ json Trainer::resume_record() const {
 }
 
 void Trainer::resume(const std::string& dir) {
-  json st = json::parse(read_file(dir + "/trainer_state.json"));
+  const std::string st_path = dir + "/trainer_state.json", rec_path = dir + "/" + kResumeRecord;
+  json st = json_parse(json_read_file(st_path, kJsonConfigMaxBytes), st_path);
   // dpo_dist 0.1 kept its record in trainer_state.json's "dpo_dist" section.
   json d;
-  if (std::filesystem::exists(dir + "/" + kResumeRecord)) d = json::parse(read_file(dir + "/" + kResumeRecord));
+  if (std::filesystem::exists(rec_path)) d = json_parse(json_read_file(rec_path, kJsonConfigMaxBytes), rec_path);
   else if (st.contains("dpo_dist")) d = st["dpo_dist"];
   else throw std::runtime_error(dir + ": no " + std::string(kResumeRecord) +
                                 "; not a checkpoint written by dpo_dist (it cannot be resumed)");

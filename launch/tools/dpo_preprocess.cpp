@@ -47,6 +47,7 @@
 #include "data/tokenizer_info.h"
 #include "dist/mpi_base.h"
 #include "launch/cli.h"
+#include "util/json_read.h"
 
 namespace dpo {
 namespace {
@@ -205,9 +206,11 @@ std::unique_ptr<ChatTemplate> load_chat_template(const std::string& file, const 
   if (!kwargs.empty()) {
     nlohmann::ordered_json vars;
     try {
-      vars = nlohmann::ordered_json::parse(kwargs);
+      vars = json_parse<nlohmann::ordered_json>(kwargs, "--chat_template_kwargs");
     } catch (const nlohmann::json::parse_error& e) {
       throw CliError(std::string("--chat_template_kwargs: malformed JSON: ") + e.what());
+    } catch (const JsonLimitError& e) {
+      throw CliError(e.what());
     }
     if (!vars.is_object()) throw CliError("--chat_template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'");
     chat->set_extra_variables(vars);
@@ -394,7 +397,7 @@ int run(HostComm& mpi, int argc, char** argv) {
                 stats.summary(elapsed).c_str());
     if (!stats_json.empty()) {
       std::ofstream js(stats_json);
-      nlohmann::json j = nlohmann::json::parse(stats.to_json(elapsed));
+      nlohmann::json j = json_parse(stats.to_json(elapsed), "the run's statistics");
       j["ranks"] = mpi.world();
       j["cpu_s_max"] = cpu_max;
       j["cpu_s_sum"] = cpu_sum;

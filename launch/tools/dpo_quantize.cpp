@@ -17,6 +17,7 @@
 #include "launch/cli.h"
 #include "runtime/threads.h"
 #include "util/fs.h"
+#include "util/json_read.h"
 
 using namespace dpo;
 namespace fs = std::filesystem;
@@ -116,7 +117,7 @@ int main(int argc, char** argv) {
     }, {{"format", "pt"}});
     // Remove stale shards of an earlier save into the same directory.
     if (fs::exists(out + "/model.safetensors.index.json")) fs::remove(out + "/model.safetensors.index.json");
-    nlohmann::json config = nlohmann::json::parse(std::ifstream(in + "/config.json"));
+    nlohmann::json config = json_parse(json_read_file(in + "/config.json", kJsonConfigMaxBytes), in + "/config.json");
     config["quantization_config"] = {{"quant_method", "bitsandbytes"},
                                      {"load_in_4bit", true},
                                      {"load_in_8bit", false},

@@ -804,6 +804,18 @@ TEST(LlamaConfig, Refusals) {
   write_text(dir.str() + "/config.json", R"({"hidden_size": )");
   msg = throw_message([&] { dpo::llama_config_load(dir.str() + "/config.json"); });
   EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
+  // Valid JSON with one key nested 200,000 levels deep killed every tool that loads a
+  // model (SIGSEGV, issue 28): now one line naming the file and the limit.
+  std::string deep = "{\"hidden_size\": 32, \"x\": ";
+  for (int i = 0; i < 200000; ++i) deep += "{\"a\":";
+  deep += "1" + std::string(200000, '}') + "}";
+  write_text(dir.str() + "/config.json", deep);
+  EXPECT_EQ(throw_message([&] { dpo::llama_config_load(dir.str() + "/config.json"); }),
+            dir.str() + "/config.json: JSON nested deeper than 512 levels (the limit of every JSON reader here)");
+  // More than 64 MiB: refused before it is read.
+  write_text(dir.str() + "/config.json", "{" + std::string((64 << 20) + 10, ' ') + "}");
+  EXPECT_EQ(throw_message([&] { dpo::llama_config_load(dir.str() + "/config.json"); }),
+            dir.str() + "/config.json: 67108876 bytes of JSON, over this reader's limit of 64 MiB");
 }
 
 TEST(LlamaConfig, MistralWithoutActiveSlidingWindow) {

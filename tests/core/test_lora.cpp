@@ -19,6 +19,7 @@ namespace dpo {
 namespace {
 
 using dpo::testutil::TempDir;
+using dpo::testutil::throw_message;
 
 namespace fs = std::filesystem;
 
@@ -394,6 +395,14 @@ TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
     j["target_modules"] = {"q_proj", "lm_head"};
     std::ofstream(d / "adapter_config.json") << j.dump();
     expect_throw_with([&] { lora_config_load(d.string()); }, {"adapter_config.json", "lm_head"});
+    // Valid JSON nested 10^5 levels deep (issue 28): one line naming the file and the limit.
+    j["target_modules"] = {"q_proj"};
+    std::string text = j.dump();
+    text.insert(1, "\"x\":" + std::string(100000, '[') + std::string(100000, ']') + ",");
+    std::ofstream(d / "adapter_config.json") << text;
+    EXPECT_EQ(throw_message([&] { lora_config_load(d.string()); }),
+              (d / "adapter_config.json").string() +
+                  ": JSON nested deeper than 512 levels (the limit of every JSON reader here)");
   }
   expect_throw_with([&] { lora_config_load((fs::path(tmp.path()) / "nowhere").string()); }, {"adapter_config.json"});
   // A save whose config does not match the attached adapters is refused.

@@ -371,6 +371,13 @@ TEST(Nf4Bnb, ValidationNamesTheTensor) {
     expect_error(m, qs, "invalid JSON");
   }
   {
+    // Valid JSON nested 10^5 levels deep (issue 28): refused before a tree is built.
+    auto m = good;
+    m[qs] = json_tensor("{\"quant_type\": \"nf4\", \"x\": " + std::string(100000, '[') + std::string(100000, ']') +
+                        "}");
+    expect_error(m, qs, ": JSON nested deeper than 512 levels (the limit of every JSON reader here)");
+  }
+  {
     auto m = good;
     m["p.weight.nested_absmax"] = torch::ones({1});
     expect_error(m, "p.weight.nested_absmax", "inconsistent");

@@ -294,6 +294,19 @@ TEST(Safetensors, RejectsBadJson) {
   expect_rejected(p, {"__metadata__"});
 }
 
+// Valid JSON nested 10^5 levels deep (issue 28): one line naming the file and the
+// limit of util/json_read.h, no stack overflow (also under AddressSanitizer).
+TEST(Safetensors, RejectsDeeplyNestedHeaders) {
+  TempDir dir;
+  const std::string p = dir.file("deep.safetensors");
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  write_raw(p, R"({"__metadata__":{"a":"b"},"x":)" + deep + "}", 0);
+  EXPECT_EQ(throw_message([&] { SafetensorsFile f(p); }),
+            p + ": header: JSON nested deeper than 512 levels (the limit of every JSON reader here)");
+  EXPECT_EQ(throw_message([&] { dpo::json_parse_strict(deep, "x.json"); }),
+            "x.json: JSON nested deeper than 512 levels (the limit of every JSON reader here)");
+}
+
 TEST(Safetensors, RejectsBadEntries) {
   TempDir dir;
   const std::string p = dir.file("bad.safetensors");
@@ -517,4 +530,9 @@ TEST(HfCheckpoint, ShardErrorsCarryShardName) {
   write_bytes(d + "/model.safetensors.index.json", R"({"metadata":{}})");
   msg = throw_message([&] { HfCheckpoint ck(d); });
   EXPECT_NE(msg.find("weight_map"), std::string::npos) << msg;
+  // Nested 10^5 levels deep: refused before a tree is built (issue 28).
+  write_bytes(d + "/model.safetensors.index.json",
+              R"({"weight_map":{"a":"x"},"metadata":)" + std::string(100000, '[') + std::string(100000, ']') + "}");
+  msg = throw_message([&] { HfCheckpoint ck(d); });
+  EXPECT_NE(msg.find("model.safetensors.index.json: JSON nested deeper than 512 levels"), std::string::npos) << msg;
 }

@@ -5,20 +5,27 @@
 #include <gtest/gtest.h>
 #include <sentencepiece_processor.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "data/chat_template.h"
+#include "data/hf_tokenizer.h"
 #include "data/preference_h5.h"
 #include "data/preprocess.h"
 #include "data/sha256.h"
 #include "data/sources.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_info.h"
+#include "tests/data/byte_level_fixture.h"
 #include "tests/data/sentencepiece_suite.h"
 #include "tests/test_util.h"
+#include "util/json_read.h"
 
 namespace dpo {
 namespace {
@@ -367,6 +374,102 @@ TEST_F(PreprocessTest, SkipInvalidCountsEveryReason) {
   PreferenceReader r(tmp_.file("out.h5"));
   ASSERT_EQ(r.size(), good);
   EXPECT_EQ(r.get(good - 1).prompt, prompt_ids("p" + std::to_string(good - 1)));
+}
+
+// Valid-but-hostile JSON (issue 28): a row whose prompt nests 10^5 arrays deep killed
+// dpo_preprocess (SIGSEGV in a recursive copy of the parsed tree). It is refused before
+// a tree is built, with the file and line, and stops the run even with --skip_invalid
+// (such a file is no preference data).
+TEST_F(PreprocessTest, DeeplyNestedRowStopsWithFileLineAndLimit) {
+  const std::string deep =
+      "{\"prompt\": " + std::string(100000, '[') + std::string(100000, ']') + ", \"chosen\": \"b\", \"rejected\": \"c\"}";
+  RawTriple raw;
+  std::string detail;
+  RowKind kind = RowKind::kText;
+  EXPECT_EQ(parse_preference_line(deep, InputFormat::kTrl, &raw, &detail, nullptr, &kind), InvalidReason::kJsonLimit);
+  EXPECT_EQ(detail,
+            "JSON nested deeper than 512 levels (the limit of every JSON reader here); is this file really preference data?");
+  EXPECT_EQ(kind, RowKind::kUnknown);
+  EXPECT_EQ(preference_row_kind(deep, InputFormat::kTrl), RowKind::kUnknown);
+  EXPECT_STREQ(invalid_reason_key(InvalidReason::kJsonLimit), "json_limit");
+  for (bool skip : {false, true}) {
+    PreprocessOptions o;
+    o.inputs = {write("deep.jsonl", trl_line("a", "b", "c") + "\n\n" + deep + "\n" + trl_line("d", "e", "f") + "\n")};
+    o.skip_invalid = skip;
+    try {
+      run(o, tmp_.file("out.h5"));
+      ADD_FAILURE() << "no error";
+    } catch (const InvalidLineError& e) {
+      EXPECT_EQ(std::string(e.what()), tmp_.file("deep.jsonl") + ":3: " + detail);
+    }
+  }
+  // A row of more than 64 MiB: the same (its size checked before its syntax).
+  const std::string big = "{\"prompt\": \"" + std::string(kJsonRowMaxBytes, 'a') + "\", \"chosen\": \"b\", \"rejected\": \"c\"}";
+  EXPECT_EQ(parse_preference_line(big, InputFormat::kTrl, &raw, &detail), InvalidReason::kJsonLimit);
+  EXPECT_EQ(detail, std::to_string(big.size()) +
+                        " bytes of JSON, over this reader's limit of 64 MiB; is this file really preference data?");
+  // A line of more than 128 MiB is refused while it is read (before the line buffer
+  // grows further): a sparse file of zeros, no newline.
+  const std::string huge = tmp_.file("huge.jsonl");
+  testutil::write_file(huge, trl_line("a", "b", "c") + "\n");
+  ASSERT_EQ(truncate(huge.c_str(), (int64_t(130) << 20)), 0);
+  PreprocessOptions o;
+  o.inputs = {huge};
+  o.skip_invalid = true;
+  try {
+    run(o, tmp_.file("out.h5"));
+    ADD_FAILURE() << "no error";
+  } catch (const InvalidLineError& e) {
+    EXPECT_EQ(std::string(e.what()), huge + ":2: a line of more than 64 MiB, over the limit of a JSONL row; "
+                                             "is this file really preference data?");
+  }
+}
+
+// tokenizer.json, tokenizer_config.json and config.json nested 10^5 levels deep: one line
+// naming the file and the limit (the tokenizer readers of data/).
+TEST(HostileJson, TokenizerFilesNestedTooDeep) {
+  TempDir dir;
+  const std::string deep = "{\"x\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
+  const std::string want = ": JSON nested deeper than 512 levels (the limit of every JSON reader here)";
+  testutil::write_file(dir.file("tokenizer.json"), deep);
+  EXPECT_EQ(testutil::throw_message([&] { HfTokenizer::from_string(deep, "t.json", {}); }), "t.json" + want);
+  EXPECT_EQ(testutil::throw_message([&] { HfTokenizer t(dir.file("tokenizer.json"), {}); }),
+            dir.file("tokenizer.json") + want);
+  EXPECT_EQ(testutil::throw_message([&] { TokenizerInfo t(dir.file("tokenizer.json")); }),
+            dir.file("tokenizer.json") + want);
+  testutil::write_file(dir.file("tokenizer_config.json"), deep);
+  EXPECT_EQ(testutil::throw_message([&] { read_special_token_config(dir.str()); }),
+            dir.file("tokenizer_config.json") + want);
+  EXPECT_EQ(testutil::throw_message([&] { find_chat_template("", dir.str()); }),
+            dir.file("tokenizer_config.json") + want);
+  std::filesystem::remove(dir.file("tokenizer_config.json"));
+  testutil::write_file(dir.file("config.json"), deep);
+  EXPECT_EQ(testutil::throw_message([&] { read_special_token_config(dir.str()); }), dir.file("config.json") + want);
+}
+
+// Pre-tokenizer and normalizer Sequences inside Sequences: a depth bound, not one
+// recursion per level of the file.
+TEST(HostileJson, NestedTokenizerSequencesAreBounded) {
+  nlohmann::json vocab = nlohmann::json::object();
+  const auto sym = testutil::gpt2_byte_symbols();
+  for (int b = 0; b < 256; ++b) vocab[sym[b]] = b;
+  nlohmann::json j = testutil::byte_level_bpe_json(vocab, nlohmann::json::array(), nlohmann::json::array());
+  nlohmann::json pre = j["pre_tokenizer"], norm = {{"type", "NFC"}};
+  ASSERT_EQ(pre["type"], "Sequence");  // Llama 3's: Split then ByteLevel
+  for (int i = 0; i < 32; ++i) {
+    if (i < 31) pre = {{"type", "Sequence"}, {"pretokenizers", {pre}}};
+    norm = {{"type", "Sequence"}, {"normalizers", {norm}}};
+  }
+  j["pre_tokenizer"] = pre;
+  j["normalizer"] = norm;
+  EXPECT_NO_THROW(HfTokenizer::from_string(j.dump(), "t.json", {}));  // 32 levels: fine
+  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {pre}}};
+  EXPECT_EQ(testutil::throw_message([&] { HfTokenizer::from_string(j.dump(), "t.json", {}); }),
+            "t.json: /pre_tokenizer: a Sequence nested more than 32 levels deep (real tokenizers nest one or two)");
+  j["pre_tokenizer"] = pre;
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {norm}}};
+  EXPECT_EQ(testutil::throw_message([&] { HfTokenizer::from_string(j.dump(), "t.json", {}); }),
+            "t.json: /normalizer: a Sequence nested more than 32 levels deep (real tokenizers nest one or two)");
 }
 
 TEST(Utf8, StrictValidation) {

@@ -9,6 +9,7 @@
 
 #include "data/chat_template.h"
 #include "tests/fuzz/fuzz_common.h"
+#include "util/json_read.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string in(reinterpret_cast<const char*>(data), size);
@@ -19,8 +20,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
        {{"role", "user"}, {"content", "Hi <b>there</b>"}},
        {{"role", "assistant"}, {"content", "Hello."}}});
   if (z != std::string::npos) {
-    messages = nlohmann::ordered_json::parse(in.substr(z + 1), nullptr, /*allow_exceptions=*/false);
-    // The messages come from our own JSONL reader, which only passes arrays.
+    messages = dpo::json_parse_or_discarded<nlohmann::ordered_json>(in.substr(z + 1));
+    // The messages come from our own JSONL reader (util/json_read.h: at most 512 levels
+    // deep), which only passes arrays.
     if (messages.is_discarded() || !messages.is_array()) return 0;
   }
   // Lines as jinja2 counts them: "\r\n", "\r" and "\n" each end one (newlines are
