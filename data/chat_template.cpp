@@ -177,10 +177,16 @@ struct Dict;
 struct Callable;
 struct LoopState;
 
+// The deepest list / dict a render may build (the messages alone may nest 256 levels):
+// printing, comparing and destroying a value recurse once per level. Lists and dicts
+// cannot change once built, so the height computed when one is made stays true.
+constexpr int kMaxValueNesting = 512;
+
 struct Value {
   enum Type : uint8_t { kUndef, kNone, kBool, kInt, kFloat, kStr, kList, kDict, kNamespace, kFunc, kLoop };
   Type t = kUndef;
   bool tuple = false;  // a list made by (a, b): repr only
+  uint16_t height = 0;  // kList / kDict: levels of lists and dicts from here down
   // A generator (what jinja2's map/select/reject/selectattr/rejectattr/unique/items
   // filters return): single use (*gen = items consumed so far), always true, no len(),
   // no indexing, not printable.
@@ -233,6 +239,7 @@ struct Value {
     v.t = kList;
     v.tuple = tuple;
     v.l = std::make_shared<List>(std::move(x));
+    v.set_height(*v.l);
     return v;
   }
   static Value generator(List x) {
@@ -253,10 +260,25 @@ struct Value {
   bool is_intlike() const { return t == kInt || t == kBool; }
   int64_t as_int() const { return t == kBool ? int64_t(b) : i; }
   double as_double() const { return t == kFloat ? f : double(as_int()); }
+  template <typename Items, typename Get>
+  void set_height(const Items& items, Get get) {
+    int h = 0;
+    for (const auto& x : items) h = std::max<int>(h, get(x).height);
+    if (h + 1 > kMaxValueNesting)
+      fail(0, "a value the template builds nests more than " + std::to_string(kMaxValueNesting) + " levels deep");
+    height = static_cast<uint16_t>(h + 1);
+  }
+  void set_height(const List& items) {
+    set_height(items, [](const Value& x) -> const Value& { return x; });
+  }
 };
 
 struct Dict {
   std::vector<std::pair<std::string, Value>> items;
+  Dict() = default;
+  Dict(const Dict&) = delete;
+  Dict& operator=(const Dict&) = delete;
+  ~Dict();
   const Value* find(const std::string& k) const {
     for (const auto& kv : items)
       if (kv.first == k) return &kv.second;
@@ -272,10 +294,33 @@ struct Dict {
   }
 };
 
+// Values reachable only through this dict are destroyed here one at a time, not by the
+// recursion of their destructors: namespaces are the one mutable value, so
+// {% set a.x = b %} can chain them in any order (no height bounds the chain), and
+// destroying a 100,000-long chain recursively overflowed the stack.
+Dict::~Dict() {
+  std::vector<Value> pending;
+  auto take = [&](std::vector<std::pair<std::string, Value>>& kvs) {
+    for (auto& kv : kvs) pending.push_back(std::move(kv.second));
+    kvs.clear();
+  };
+  take(items);
+  while (!pending.empty()) {
+    Value v = std::move(pending.back());
+    pending.pop_back();
+    if (v.d && v.d.use_count() == 1) take(v.d->items);
+    if (v.l && v.l.use_count() == 1) {
+      for (auto& x : *v.l) pending.push_back(std::move(x));
+      v.l->clear();
+    }
+  }  // each v goes with nothing left inside it
+}
+
 Value Value::dict(std::shared_ptr<Dict> d) {
   Value v;
   v.t = kDict;
   v.d = std::move(d);
+  v.set_height(v.d->items, [](const std::pair<std::string, Value>& kv) -> const Value& { return kv.second; });
   return v;
 }
 
@@ -941,8 +986,10 @@ class Lexer {
 struct Context;
 struct Expr {
   int line = 0;
+  int height = 1;  // levels of the tree from this node down (the parser bounds it)
   virtual ~Expr() = default;
-  virtual Value eval(Context& ctx) const = 0;
+  Value eval(Context& ctx) const;  // eval_impl, counted against kMaxActive
+  virtual Value eval_impl(Context& ctx) const = 0;
 };
 using ExprP = std::unique_ptr<Expr>;
 
@@ -950,7 +997,8 @@ struct Stmt {
   int line = 0;
   virtual ~Stmt() = default;
   enum Flow { kNormal, kBreak, kContinue };
-  virtual Flow exec(Context& ctx) const = 0;
+  Flow exec(Context& ctx) const;  // exec_impl, counted against kMaxActive
+  virtual Flow exec_impl(Context& ctx) const = 0;
 };
 using StmtP = std::unique_ptr<Stmt>;
 using Body = std::vector<StmtP>;
@@ -988,6 +1036,7 @@ struct Context {
   std::time_t now = 0;
   bool fixed_now = false;
   int depth = 0;  // macro recursion guard
+  int active = 0;  // evals and execs under way (bounded by kMaxActive)
   int64_t iterations = 0;  // loop iterations of this render (bounded by kMaxIterations)
   // Scopes a macro closes over. The scope holds the macro, the macro its scope: a
   // reference cycle, broken after the render by clearing these scopes' variables.
@@ -997,6 +1046,36 @@ struct Context {
       if (auto s = w.lock()) s->vars.clear();
   }
 };
+
+// Run-time nesting. The parser bounds the tree of one expression and the blocks of one
+// body, but a macro may call itself (up to 200 times) from deep inside both, and what the
+// C++ stack holds is the product: every eval and exec under way is counted, and past
+// kMaxActive the render fails instead of overflowing the stack (real templates stay
+// under a hundred).
+constexpr int kMaxActive = 3000;
+
+struct ActiveGuard {
+  Context& ctx;
+  ActiveGuard(Context& c, int line) : ctx(c) {
+    if (++ctx.active > kMaxActive) {
+      --ctx.active;
+      fail(line, "the template nests too deeply when it runs (macro calls inside deep blocks or expressions)");
+    }
+  }
+  ~ActiveGuard() { --ctx.active; }
+  ActiveGuard(const ActiveGuard&) = delete;
+  ActiveGuard& operator=(const ActiveGuard&) = delete;
+};
+
+Value Expr::eval(Context& ctx) const {
+  ActiveGuard guard(ctx, line);
+  return eval_impl(ctx);
+}
+
+Stmt::Flow Stmt::exec(Context& ctx) const {
+  ActiveGuard guard(ctx, line);
+  return exec_impl(ctx);
+}
 
 Stmt::Flow exec_body(const Body& body, Context& ctx) {
   for (const auto& s : body) {
@@ -1917,12 +1996,12 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a, Context
 
 struct ConstExpr : Expr {
   Value v;
-  Value eval(Context&) const override { return v; }
+  Value eval_impl(Context&) const override { return v; }
 };
 
 struct NameExpr : Expr {
   std::string name;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     if (const Value* v = ctx.scope->find(name)) return *v;
     return Value::undef("'" + name + "' is undefined");
   }
@@ -1931,12 +2010,12 @@ struct NameExpr : Expr {
 struct AttrExpr : Expr {
   ExprP obj;
   std::string name;
-  Value eval(Context& ctx) const override { return get_attr(obj->eval(ctx), name, line); }
+  Value eval_impl(Context& ctx) const override { return get_attr(obj->eval(ctx), name, line); }
 };
 
 struct ItemExpr : Expr {
   ExprP obj, key;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value o = obj->eval(ctx);
     return get_item(o, key->eval(ctx), line);
   }
@@ -1944,7 +2023,7 @@ struct ItemExpr : Expr {
 
 struct SliceExpr : Expr {
   ExprP obj, a, b, c;  // a/b/c may be null
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value o = obj->eval(ctx);
     Value x = a ? a->eval(ctx) : Value::none(), y = b ? b->eval(ctx) : Value::none(), z = c ? c->eval(ctx) : Value::none();
     return do_slice(o, x, y, z, line);
@@ -1971,7 +2050,7 @@ Value call_value(const Value& f, CallArgs& a, Context& ctx, int line) {
 struct CallExpr : Expr {
   ExprP callee;
   ArgList args;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     // obj.method(...) without building a bound method
     if (auto* at = dynamic_cast<const AttrExpr*>(callee.get())) {
       Value o = at->obj->eval(ctx);
@@ -1994,7 +2073,7 @@ struct FilterExpr : Expr {
   ExprP base;
   std::string name;
   ArgList args;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value v = base->eval(ctx);
     CallArgs a = args.eval(ctx);
     return apply_filter(name, v, a, ctx, line);
@@ -2006,7 +2085,7 @@ struct TestExpr : Expr {
   std::string name;
   ArgList args;
   bool negated = false;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value v = base->eval(ctx);
     CallArgs a = args.eval(ctx);
     if (!a.kw.empty()) fail(line, "test '" + name + "' takes no keyword arguments");
@@ -2137,7 +2216,7 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
 struct BinaryExpr : Expr {
   std::string op;
   ExprP a, b;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value x = a->eval(ctx);
     Value y = b->eval(ctx);
     return binary_op(op, x, y, line);
@@ -2147,7 +2226,7 @@ struct BinaryExpr : Expr {
 struct AndOrExpr : Expr {
   bool is_and = true;
   ExprP a, b;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value x = a->eval(ctx);
     if (is_and ? !truthy(x) : truthy(x)) return x;
     return b->eval(ctx);
@@ -2157,7 +2236,7 @@ struct AndOrExpr : Expr {
 struct UnaryExpr : Expr {
   char op;  // '-', '+', '!'
   ExprP e;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value v = e->eval(ctx);
     if (op == '!') return Value::boolean(!truthy(v));
     if (v.is_intlike()) {
@@ -2196,7 +2275,7 @@ bool contains(const Value& container, const Value& item, int line) {
 struct CompareExpr : Expr {
   ExprP first;
   std::vector<std::pair<std::string, ExprP>> rest;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     Value left = first->eval(ctx);
     for (const auto& [op, e] : rest) {
       Value right = e->eval(ctx);
@@ -2218,7 +2297,7 @@ struct CompareExpr : Expr {
 
 struct CondExpr : Expr {
   ExprP test, then, otherwise;  // otherwise may be null (-> undefined)
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     if (truthy(test->eval(ctx))) return then->eval(ctx);
     if (otherwise) return otherwise->eval(ctx);
     return Value::undef("the inline if-expression evaluated to false and no else section was defined");
@@ -2228,7 +2307,7 @@ struct CondExpr : Expr {
 struct ListExpr : Expr {
   std::vector<ExprP> items;
   bool tuple = false;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     List l;
     l.reserve(items.size());
     for (const auto& e : items) l.push_back(e->eval(ctx));
@@ -2238,7 +2317,7 @@ struct ListExpr : Expr {
 
 struct DictExpr : Expr {
   std::vector<std::pair<ExprP, ExprP>> items;
-  Value eval(Context& ctx) const override {
+  Value eval_impl(Context& ctx) const override {
     auto d = std::make_shared<Dict>();
     for (const auto& [k, v] : items) {
       Value key = k->eval(ctx);
@@ -2258,7 +2337,7 @@ void check_output_size(const Context& ctx, int line) {
 
 struct OutputStmt : Stmt {
   std::string text;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     *ctx.out += text;
     check_output_size(ctx, line);
     return kNormal;
@@ -2267,7 +2346,7 @@ struct OutputStmt : Stmt {
 
 struct PrintStmt : Stmt {
   ExprP e;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     Value v = e->eval(ctx);
     if (v.gen)
       fail(line, "printing a generator (the result of map/select/reject/selectattr/rejectattr/unique/items) is not "
@@ -2282,7 +2361,7 @@ struct PrintStmt : Stmt {
 struct IfStmt : Stmt {
   std::vector<std::pair<ExprP, Body>> branches;
   Body otherwise;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     for (const auto& [test, body] : branches)
       if (truthy(test->eval(ctx))) return exec_body(body, ctx);
     return exec_body(otherwise, ctx);
@@ -2306,7 +2385,7 @@ struct ForStmt : Stmt {
   bool tuple = false;
   ExprP iter, cond;
   Body body, otherwise;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     Value seq = iter->eval(ctx);
     std::shared_ptr<List> items = iterate(seq, line);
     if (cond) {
@@ -2364,7 +2443,7 @@ struct SetStmt : Stmt {
   ExprP value;
   Body block;  // {% set x %}...{% endset %}
   std::vector<std::pair<std::string, ArgList>> block_filters;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     Value v;
     if (value) {
       v = value->eval(ctx);
@@ -2398,12 +2477,12 @@ struct SetStmt : Stmt {
 
 struct LoopControlStmt : Stmt {
   Flow flow;
-  Flow exec(Context&) const override { return flow; }
+  Flow exec_impl(Context&) const override { return flow; }
 };
 
 struct GenerationStmt : Stmt {
   Body body;
-  Flow exec(Context& ctx) const override { return exec_body(body, ctx); }
+  Flow exec_impl(Context& ctx) const override { return exec_body(body, ctx); }
 };
 
 struct MacroStmt : Stmt {
@@ -2411,7 +2490,7 @@ struct MacroStmt : Stmt {
   std::vector<std::string> params;
   std::vector<ExprP> defaults;  // one per param, null when required
   Body body;
-  Flow exec(Context& ctx) const override {
+  Flow exec_impl(Context& ctx) const override {
     auto c = std::make_shared<Callable>();
     c->name = name;
     std::shared_ptr<Scope> defining = ctx.scope;
@@ -2737,6 +2816,7 @@ class Parser {
     auto t = node<ListExpr>(line);
     t->items = std::move(args);
     t->tuple = true;
+    seal(*t, height(t->items));
     return t;
   }
 
@@ -2751,9 +2831,11 @@ class Parser {
       c->test = parse_or();
       if (is_name("else")) {
         ++p_;
+        DepthGuard guard(this, line);
         c->otherwise = parse_condexpr();
       }
       c->then = std::move(e1);
+      seal(*c, std::max({height(c->test), height(c->then), height(c->otherwise)}));
       e1 = std::move(c);
     }
     return e1;
@@ -2768,6 +2850,7 @@ class Parser {
       n->is_and = false;
       n->a = std::move(left);
       n->b = parse_and();
+      seal(*n, std::max(height(n->a), height(n->b)));
       left = std::move(n);
     }
     return left;
@@ -2782,6 +2865,7 @@ class Parser {
       n->is_and = true;
       n->a = std::move(left);
       n->b = parse_not();
+      seal(*n, std::max(height(n->a), height(n->b)));
       left = std::move(n);
     }
     return left;
@@ -2791,9 +2875,11 @@ class Parser {
     if (is_name("not")) {
       const int line = cur().line;
       ++p_;
+      DepthGuard guard(this, line);
       auto n = node<UnaryExpr>(line);
       n->op = '!';
       n->e = parse_not();
+      seal(*n, height(n->e));
       return n;
     }
     return parse_compare();
@@ -2823,6 +2909,9 @@ class Parser {
     auto c = node<CompareExpr>(line);
     c->first = std::move(first);
     c->rest = std::move(rest);
+    int h = height(c->first);
+    for (const auto& r : c->rest) h = std::max(h, height(r.second));
+    seal(*c, h);
     return c;
   }
 
@@ -2831,6 +2920,7 @@ class Parser {
     n->op = op;
     n->a = std::move(a);
     n->b = std::move(b);
+    seal(*n, std::max(height(n->a), height(n->b)));
     return n;
   }
 
@@ -2884,6 +2974,7 @@ class Parser {
       auto u = node<UnaryExpr>(line);
       u->op = op;
       u->e = parse_unary(false);
+      seal(*u, height(u->e));
       n = std::move(u);
     } else {
       n = parse_primary();
@@ -2944,6 +3035,7 @@ class Parser {
         l->items.push_back(parse_expression(true));
       }
       expect_op("]");
+      seal(*l, height(l->items));
       return l;
     }
     if (is_op("{")) {
@@ -2958,6 +3050,9 @@ class Parser {
         d->items.emplace_back(std::move(k), std::move(v));
       }
       expect_op("}");
+      int h = 0;
+      for (const auto& kv : d->items) h = std::max({h, height(kv.first), height(kv.second)});
+      seal(*d, h);
       return d;
     }
     unexpected("an expression");
@@ -2974,12 +3069,14 @@ class Parser {
           k->v = Value::integer(std::strtoll(t_[p_++].text.c_str(), nullptr, 10));
           it->obj = std::move(n);
           it->key = std::move(k);
+          seal(*it, height(it->obj));
           n = std::move(it);
           continue;
         }
         auto a = node<AttrExpr>(line);
         a->obj = std::move(n);
         a->name = expect_name();
+        seal(*a, height(a->obj));
         n = std::move(a);
       } else if (is_op("[")) {
         ++p_;
@@ -2988,6 +3085,7 @@ class Parser {
         auto c = node<CallExpr>(line);
         c->callee = std::move(n);
         parse_call_args(&c->args);
+        seal(*c, std::max(height(c->callee), height(c->args)));
         n = std::move(c);
       } else {
         return n;
@@ -3015,6 +3113,7 @@ class Parser {
       auto it = node<ItemExpr>(line);
       it->obj = std::move(obj);
       it->key = std::move(a);
+      seal(*it, std::max(height(it->obj), height(it->key)));
       return it;
     }
     auto s = node<SliceExpr>(line);
@@ -3022,6 +3121,7 @@ class Parser {
     s->a = std::move(a);
     s->b = std::move(b);
     s->c = std::move(c);
+    seal(*s, std::max({height(s->obj), height(s->a), height(s->b), height(s->c)}));
     return s;
   }
 
@@ -3064,6 +3164,7 @@ class Parser {
         if (!known_filters().count(f->name)) fail(f->line, "unsupported filter '" + f->name + "'");
         if (is_op("(")) parse_call_args(&f->args);
         f->base = std::move(n);
+        seal(*f, std::max(height(f->base), height(f->args)));
         n = std::move(f);
       } else if (is_name("is")) {
         ++p_;
@@ -3084,11 +3185,13 @@ class Parser {
           t->args.pos.push_back(parse_postfix(parse_primary()));
         }
         t->base = std::move(n);
+        seal(*t, std::max(height(t->base), height(t->args)));
         n = std::move(t);
       } else if (is_op("(")) {
         auto c = node<CallExpr>(line);
         c->callee = std::move(n);
         parse_call_args(&c->args);
+        seal(*c, std::max(height(c->callee), height(c->args)));
         n = std::move(c);
       } else {
         return n;
@@ -3098,13 +3201,35 @@ class Parser {
 
   // Recursion bound of the parser: a hostile template fails instead of overflowing
   // the stack (real templates nest a few dozen levels).
+  static constexpr int kMaxNesting = 400;
   struct DepthGuard {
     Parser* p;
     DepthGuard(Parser* parser, int line) : p(parser) {
-      if (++p->nesting_ > 400) fail(line, "the template nests too deeply");
+      if (++p->nesting_ > kMaxNesting) fail(line, "the template nests too deeply");
     }
     ~DepthGuard() { --p->nesting_; }
   };
+
+  // Heights of the expression tree. The loops that parse a + b + c, a.b.c, x|f|g or
+  // x if c if d build a node per step without recursing, so the DepthGuard alone does
+  // not bound the tree that eval (and the destructors) walk recursively: every inner
+  // node gets its height here, and a tree higher than kMaxNesting fails while it is
+  // still low enough to evaluate and destroy.
+  static int height(const ExprP& e) { return e ? e->height : 0; }
+  static int height(const std::vector<ExprP>& v) {
+    int h = 0;
+    for (const auto& e : v) h = std::max(h, height(e));
+    return h;
+  }
+  static int height(const ArgList& a) {
+    int h = height(a.pos);
+    for (const auto& kv : a.kw) h = std::max(h, height(kv.second));
+    return h;
+  }
+  static void seal(Expr& n, int children_height) {
+    n.height = children_height + 1;
+    if (n.height > kMaxNesting) fail(n.line, "the template nests too deeply");
+  }
 
   std::vector<Token> t_;
   size_t p_ = 0;

@@ -205,6 +205,83 @@ TEST(ChatTemplateErrors, HostileTemplatesAreBounded) {
   EXPECT_EQ(error_of("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"), "chat template line 1: macro recursion too deep");
 }
 
+// Nesting 10^5 levels deep in every form the grammar has (issue 28): recursion in the
+// parser (parentheses, lists, dicts, not, unary minus, if-else chains, blocks) and trees
+// built by loops (a + b + ..., a.b.c..., x|f|g..., calls and subscripts), which
+// evaluation and destruction walk recursively, all stop at the parser's bound.
+TEST(ChatTemplateErrors, DeepNestingOfEveryKindIsBounded) {
+  const int n = 100000;
+  auto repeat = [](const std::string& s, int k) {
+    std::string out;
+    out.reserve(s.size() * k);
+    for (int i = 0; i < k; ++i) out += s;
+    return out;
+  };
+  auto joined = [&](const std::string& item, const std::string& sep) { return item + repeat(sep + item, n - 1); };
+  const std::string deep = "chat template line 1: the template nests too deeply";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"parentheses", "{{ " + repeat("(", n) + "1" + repeat(")", n) + " }}"},
+      {"lists", "{{ " + repeat("[", n) + repeat("]", n) + " }}"},
+      {"dicts", "{{ " + repeat("{'a': ", n) + "1" + repeat("}", n) + " }}"},
+      {"not", "{{ " + repeat("not ", n) + "true }}"},
+      {"unary minus", "{{ " + repeat("-", n) + "1 }}"},
+      {"if-else chain", "{{ " + repeat("1 if x else ", n) + "1 }}"},
+      {"if chain", "{{ 1" + repeat(" if x", n) + " }}"},
+      {"sum", "{{ " + joined("1", " + ") + " }}"},
+      {"concatenation", "{{ " + joined("'a'", " ~ ") + " }}"},
+      {"and", "{{ " + joined("x", " and ") + " }}"},
+      {"or", "{{ " + joined("x", " or ") + " }}"},
+      {"power", "{{ " + joined("1", " ** ") + " }}"},
+      {"comparison", "{{ " + joined("1", " < ") + " }}"},
+      {"attributes", "{{ x" + repeat(".a", n) + " }}"},
+      {"subscripts", "{{ x" + repeat("[0]", n) + " }}"},
+      {"slices", "{{ x" + repeat("[1:]", n) + " }}"},
+      {"calls", "{{ x" + repeat("()", n) + " }}"},
+      {"filters", "{{ x" + repeat(" | first", n) + " }}"},
+      {"filter arguments", "{{ " + repeat("x | default(", n) + "1" + repeat(")", n) + " }}"},
+      {"if blocks", repeat("{% if true %}", n) + "x" + repeat("{% endif %}", n)},
+      {"for blocks", repeat("{% for a in [1] %}", n) + "x" + repeat("{% endfor %}", n)},
+      {"set blocks", repeat("{% set x %}", n) + repeat("{% endset %}", n)},
+  };
+  for (const auto& [name, source] : cases) {
+    const std::string e = error_of(source);
+    if (name == "comparison") {
+      // A chain of comparisons is one node (a < b < c is (a < b) and (b < c)).
+      EXPECT_EQ(e, "") << name;
+    } else {
+      EXPECT_EQ(e, deep) << name;
+    }
+  }
+  // Trees up to the bound still work: a sum of 300 terms, 300 parentheses.
+  EXPECT_EQ(ChatTemplate("{{ 1" + repeat(" + 1", 299) + " }}").render(json::array(), false), "300");
+  EXPECT_EQ(ChatTemplate("{{ " + repeat("(", 300) + "7" + repeat(")", 300) + " }}").render(json::array(), false), "7");
+}
+
+// Nesting built while the template runs (issue 28): a macro calling itself from inside
+// deep blocks, a list or dict wrapped once per loop step, and a chain of namespaces
+// linked head first (no height bounds it; it is freed without recursion).
+TEST(ChatTemplateErrors, RunTimeNestingIsBounded) {
+  std::string ifs, endifs;
+  for (int i = 0; i < 300; ++i) ifs += "{% if true %}", endifs += "{% endif %}";
+  EXPECT_EQ(error_of("{% macro f(n) %}" + ifs + "{{ f(n + 1) }}" + endifs + "{% endmacro %}{{ f(0) }}"),
+            "chat template line 1: the template nests too deeply when it runs (macro calls inside deep blocks or "
+            "expressions)");
+  EXPECT_EQ(error_of("{% set ns = namespace(x=[]) %}{% for i in range(99999) %}{% set ns.x = [ns.x] %}{% endfor %}"
+                     "{{ ns.x }}"),
+            "chat template: a value the template builds nests more than 512 levels deep");
+  EXPECT_EQ(error_of("{% set ns = namespace(x={}) %}{% for i in range(99999) %}{% set ns.x = {'a': ns.x} %}{% endfor %}"
+                     "{{ ns.x | tojson }}"),
+            "chat template: a value the template builds nests more than 512 levels deep");
+  EXPECT_EQ(error_of("{% set head = namespace() %}{% set cur = namespace(n=head) %}{% for i in range(99999) %}"
+                     "{% set nxt = namespace() %}{% set t = cur.n %}{% set t.x = nxt %}{% set cur.n = nxt %}"
+                     "{% endfor %}{{ head.x.x.x is defined }}"),
+            "");
+  // The messages may nest 256 levels, and the template may wrap them further.
+  json deep = json::array();
+  for (int i = 0; i < 255; ++i) deep = json::array({deep});
+  EXPECT_EQ(error_of("{{ [[messages]] | length }}", deep), "");
+}
+
 TEST(ChatTemplate, BosEosAndExtrasAreVariables) {
   ChatTemplate t("{{ bos_token }}|{{ eos_token }}|{{ bos_token is defined }}|{{ enable_thinking }}|{{ add_generation_prompt }}");
   EXPECT_EQ(t.render(json::array(), true), "||False||True");
