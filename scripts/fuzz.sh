@@ -63,15 +63,22 @@ for h in "${harnesses[@]}"; do
   esac
   [ -f "tests/fuzz/$h.dict" ] && dict=(-dict="$src/tests/fuzz/$h.dict")
   seeds=("$src/tests/fuzz/corpus/$h" "$src/tests/fuzz/regressions/$h")
-  # The chat-template seeds are the engine's golden fixtures (real model templates).
-  [ "$h" = chat_template ] && seeds=("$src/tests/data/fixtures/chat" "$src/tests/fuzz/regressions/$h")
+  # The chat-template seeds are the engine's golden fixtures (real model templates), and
+  # hostile ones (deep nesting) in corpus/chat_template.
+  [ "$h" = chat_template ] && seeds=("$src/tests/data/fixtures/chat" "$src/tests/fuzz/corpus/$h" "$src/tests/fuzz/regressions/$h")
+  # Inputs as long as the JSON readers' hostile cases (nesting 50,000 deep, 100 KB lines:
+  # issue 28): libFuzzer's default max_len (4,096) cannot express them.
+  max_len=65536
+  case $h in
+    safetensors | llama_config | adapter_config | quant_state | jsonl_rows | chat_template | hf_tokenizer) max_len=1048576 ;;
+  esac
   log="$B/fuzz_$h.log"
   echo "fuzz.sh: $h for ${seconds} s (log $log)"
   start=$SECONDS
   touch "$art/.start"
   set +e
   timeout -k 10 $((seconds + 300)) "$B/fuzz/fuzz_$h" -max_total_time="$seconds" -timeout=25 -rss_limit_mb=2048 \
-    -max_len=65536 -print_final_stats=1 -artifact_prefix="$art/" "${dict[@]}" "$corpus" "${seeds[@]}" >"$log" 2>&1
+    -max_len="$max_len" -print_final_stats=1 -artifact_prefix="$art/" "${dict[@]}" "$corpus" "${seeds[@]}" >"$log" 2>&1
   rc=$?
   set -e
   took=$((SECONDS - start))

@@ -139,6 +139,27 @@ void jsonl_seeds() {
       R"("rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]})");
 }
 
+// Valid-but-hostile JSON (issue 28): nesting 50,000 levels deep (which overflowed the
+// stack before util/json_read.h bounded every reader at 512) and long lines, both past
+// libFuzzer's default -max_len of 4,096 bytes (scripts/fuzz.sh passes 1 MiB to the JSON
+// harnesses).
+void hostile_json_seeds() {
+  const std::string deep = std::string(50000, '[') + std::string(50000, ']');
+  put("jsonl_rows", "deep_prompt.jsonl", R"({"prompt": )" + deep + R"(, "chosen": "b", "rejected": "c"})");
+  put("jsonl_rows", "long_line.jsonl",
+      R"({"prompt": ")" + std::string(100000, 'a') + R"(", "chosen": "b", "rejected": "c"})");
+  put("jsonl_rows", "deep_message_content.jsonl",
+      R"({"prompt": [{"role": "user", "content": )" + std::string(300, '[') + std::string(300, ']') +
+          R"(}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]})");
+  put("llama_config", "deep_key.json", R"({"hidden_size": 64, "x": )" + deep + "}");
+  put("adapter_config", "deep_key.json", R"({"r": 4, "target_modules": ["q_proj"], "x": )" + deep + "}");
+  put("quant_state", "deep_key.bin", std::string("\x00\x3f", 2) + R"({"quant_type": "nf4", "x": )" + deep + "}");
+  const std::string header = R"({"x": )" + deep + "}";
+  std::string len(8, '\0');
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<char>((uint64_t(header.size()) >> (8 * i)) & 0xff);
+  put("safetensors", "deep_header.safetensors", len + header);
+}
+
 // The structured mode of fuzz_preference_h5 (even first byte): the values the harness
 // writes, in its order. A valid two-example file, then the same with /ref_logps.
 std::string h5_structured_seed(bool ref) {
@@ -209,6 +230,7 @@ int main(int argc, char** argv) {
     quant_state_seeds();
     cli_seeds();
     jsonl_seeds();
+    hostile_json_seeds();
     h5_seeds(tmp);
     fs::remove_all(tmp);
   } catch (const std::exception& e) {
