@@ -43,6 +43,7 @@ core_pkgs=(
   libboost-program-options1.74-dev libboost-program-options1.74.0
   libsentencepiece-dev libsentencepiece0 sentencepiece
   nlohmann-json3-dev libgtest-dev
+  libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3 libutf8proc-dev libutf8proc2
   pkgconf pkgconf-bin libpkgconf3
 )
 # Libraries every Linux with a C++ compiler has: never bundled.

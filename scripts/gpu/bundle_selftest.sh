@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proves here (Debian 12, as root) that the dependency bundle alone is enough: in a private
 # mount namespace, every file that the bundle's build packages installed on this machine
-# (HDF5, OpenMPI, PMIx, hwloc, libevent, Boost.Program_options, sentencepiece, nlohmann-json,
+# (HDF5, OpenMPI, PMIx, hwloc, libevent, Boost.Program_options, sentencepiece, PCRE2, utf8proc, nlohmann-json,
 # GoogleTest, pkgconf) is hidden behind an overlay whiteout, as on the GPU machine which
 # lacks them; then, with scripts/gpu/env.sh:
 #   1. pkg-config, mpicc and mpirun are the bundle's, and mpirun -np 2 runs an MPI program;
@@ -22,7 +22,10 @@ if [ "${DPO_SELFTEST_INNER:-0}" != 1 ]; then
   command -v unshare >/dev/null || { echo "bundle_selftest: needs unshare (util-linux)"; exit 77; }
   # Packages whose files are hidden: those the bundle carries in root/ (not the fallback
   # runtime libraries like libssl or libcurl, which this machine's own tools need).
-  pkgs=$(sed -n 's/^\([^ ]*\) .* -> root.*/\1/p' "$bundle/MANIFEST")
+  # libpcre2-8-0 stays visible: this machine's mount, grep and sed need it (through
+  # libselinux), and every Debian/Ubuntu image has it; the bundle carries it anyway (newer
+  # than Ubuntu 22.04's, same soname) for the -dev link and the GPU machine's build.
+  pkgs=$(sed -n 's/^\([^ ]*\) .* -> root.*/\1/p' "$bundle/MANIFEST" | grep -vx 'libpcre2-8-0')
   [ -n "$pkgs" ] || { echo "bundle_selftest: $bundle/MANIFEST lists no packages"; exit 1; }
   ov=$(mktemp -d /tmp/dpo_bundle_selftest.XXXXXX)
   trap 'rm -rf "$ov"' EXIT
@@ -123,18 +126,20 @@ for v in HDF5_C_INCLUDE_DIR HDF5_hdf5_LIBRARY_RELEASE MPI_C_HEADER_DIR MPI_mpi_L
   [[ ${line#*=} == "$bundle"/* ]] || fail "$line: not in the bundle"
   ok "$line"
 done
-spm=$(grep -E '^SENTENCEPIECE_(INCLUDEDIR|LIBDIR)' "$cache" | head -n 2 | tr '\n' ' ')
-[[ $spm == *"$bundle"/* ]] || fail "sentencepiece (pkg-config) not found in the bundle: $spm"
-ok "$spm"
+for pc in SENTENCEPIECE PCRE2 UTF8PROC; do  # the pkg-config dependencies
+  found=$(grep -E "^${pc}_(INCLUDEDIR|LIBDIR)" "$cache" | head -n 2 | tr '\n' ' ')
+  [[ $found == *"$bundle"/* ]] || fail "$pc (pkg-config) not found in the bundle: $found"
+  ok "$found"
+done
 targets=(dpo_preprocess test_data test_preprocess_mpi)
 nice -n 5 ninja -C "$build" -j "${DPO_SELFTEST_JOBS:-2}" "${targets[@]}" >"$build/selftest-build.log" 2>&1 ||
   { tail -n 30 "$build/selftest-build.log"; fail "building ${targets[*]} against the bundle failed (log: $build/selftest-build.log)"; }
 ok "built ${targets[*]}"
 "$build/bin/dpo_preprocess" --help >/dev/null || fail "dpo_preprocess --help failed"
-if ldd "$build/bin/dpo_preprocess" | grep -E "libhdf5|libmpi|libsentencepiece|libboost" | grep -v "$bundle" | grep .; then
+if ldd "$build/bin/dpo_preprocess" | grep -E "libhdf5|libmpi|libsentencepiece|libboost|libutf8proc|libpcre2-(16|32|posix)" | grep -v "$bundle" | grep .; then
   fail "dpo_preprocess loads the libraries above from outside the bundle"
 fi
-ok "dpo_preprocess loads HDF5, MPI, sentencepiece and Boost from the bundle"
+ok "dpo_preprocess loads HDF5, MPI, sentencepiece, Boost and utf8proc from the bundle"
 for t in test_data test_preprocess_mpi; do
   timeout 600 "$build/tests/$t" >"$build/selftest-$t.log" 2>&1 || { tail -n 30 "$build/selftest-$t.log"; fail "$t against the bundle failed (log: $build/selftest-$t.log)"; }
   ok "$t: $(grep -E '^\[  PASSED  \]' "$build/selftest-$t.log")"
