@@ -1,4 +1,4 @@
-#include "core/checkpointing.h"
+#include "core/activation_checkpoint.h"
 
 #include <mutex>
 #include <utility>

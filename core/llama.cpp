@@ -12,7 +12,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/autograd.h>
 
-#include "core/checkpointing.h"
+#include "core/activation_checkpoint.h"
 #include "core/safetensors.h"
 #include "util/fs.h"
 #include "util/json_int.h"

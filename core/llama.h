@@ -256,7 +256,7 @@ class LlamaModelImpl : public torch::nn::Module {
   torch::ScalarType compute_dtype() const { return dtype_; }
 
   /// Recompute each decoder layer in backward instead of keeping its
-  /// activations (core/checkpointing.h). Only matters when grad mode is on.
+  /// activations (core/activation_checkpoint.h). Only matters when grad mode is on.
   void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
   bool gradient_checkpointing() const { return checkpointing_; }
   /// Installs `hook` in every decoder layer (empty function removes it).

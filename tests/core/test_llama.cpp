@@ -1,4 +1,4 @@
-// Tests of core/llama and core/checkpointing: logits of tiny models against an
+// Tests of core/llama and core/activation_checkpoint: logits of tiny models against an
 // independent double-precision computation written from the math (plain loops
 // over weights generated here), padding, sharded/single/F16/BF16 checkpoints,
 // config.json and directory refusals, random init, HF saving, and gradient
@@ -22,7 +22,7 @@
 #include <torch/autograd.h>
 #include <torch/types.h>
 
-#include "core/checkpointing.h"
+#include "core/activation_checkpoint.h"
 #include "core/llama.h"
 #include "core/lora.h"
 #include "core/safetensors.h"
