@@ -63,11 +63,19 @@ else
   echo "setup: installing scripts/python/requirements.lock into $DPO_VENV (first time: ~6 GB, torch's CUDA wheel)"
   "$DPO_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$DPO_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$lock"
-  "$DPO_VENV/bin/python" - <<'PY'
+  # Offline: bitsandbytes looks for a hub kernel on import (a warning, nothing else);
+  # the whole output is shown only when an import fails.
+  if ! out=$(HF_HUB_OFFLINE=1 "$DPO_VENV/bin/python" - 2>&1 <<'PY'
 import torch, transformers, peft, trl, bitsandbytes, tokenizers  # noqa: F401 (they import)
 print("setup: torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
       "trl", trl.__version__, "bitsandbytes", bitsandbytes.__version__)
 PY
+  ); then
+    echo "$out" >&2
+    echo "setup: the venv $DPO_VENV does not import its packages (above); remove it and re-run" >&2
+    exit 1
+  fi
+  grep '^setup:' <<<"$out"
   echo "$want" >"$stamp"
 fi
 echo "setup: venv $DPO_VENV"
