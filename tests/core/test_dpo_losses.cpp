@@ -3,6 +3,12 @@
 // values against the formulas written out here in double precision (from TRL
 // v1.9.0's DPOTrainer._compute_loss), gradients against finite differences, the
 // global-batch (sorting) terms, and option validation.
+//
+// Most comparisons run in fp64 on both sides: a formula of <= 20 operations, each within
+// 1 ulp (2u, u = 2^-53) whatever the kernel (Sleef u10 or glibc), of relative condition
+// <= 50 on these inputs (log-ratios formed from log-probs <= 20, beta <= 2), is within
+// 2000u = 2.2e-13 (1 + |value|) of the exact value: the 1e-12 and 1e-10 tolerances hold
+// with that margin on any CPU. The fp32 test derives its bound from each term's slope.
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -17,6 +23,7 @@
 #include <torch/types.h>
 
 #include "core/dpo.h"
+#include "tests/fp_bounds.h"
 
 namespace {
 
@@ -153,25 +160,49 @@ TEST(DpoLossFamily, EveryTermMatchesTrlFormula) {
   const auto at0 = [&](const std::string& type, Opts o) {
     return dpo::dpo_loss_term(type, pair_tensors(p, false), options(type, o))[0].item<double>();
   };
-  EXPECT_NEAR(at0("bco_pair", {}), std::log1p(std::exp(-0.1)) + std::log1p(std::exp(-0.05)), 1e-15);
+  // fp64, values ~1: each side's exp, log1p / division and <= 6 more roundings, of relative
+  // condition < 2 here: gamma(16) per side, 2 gamma(16) |value| between them (7e-15 ~ 1).
+  const auto near = [](double v) { return 2 * dpo::testutil::gamma(16, torch::kDouble) * std::abs(v); };
+  const double bco = std::log1p(std::exp(-0.1)) + std::log1p(std::exp(-0.05));
+  EXPECT_NEAR(at0("bco_pair", {}), bco, near(bco));
   Opts d;
   d.delta = 0.3;  // rewards 0.1 and -0.05 shifted by delta: -log s(-0.2) - log s(0.35)
-  EXPECT_NEAR(at0("bco_pair", d), std::log1p(std::exp(0.2)) + std::log1p(std::exp(-0.35)), 1e-15);
-  EXPECT_NEAR(at0("sppo_hard", {}), std::pow(1 - 5, 2) + std::pow(-0.5 + 5, 2), 1e-12);
-  EXPECT_NEAR(at0("apo_zero", {}), 1 - sigmoid(0.1) + sigmoid(-0.05), 1e-15);
-  EXPECT_NEAR(at0("apo_down", {}), sigmoid(0.1) + 1 - sigmoid(0.15), 1e-15);
+  const double bco_d = std::log1p(std::exp(0.2)) + std::log1p(std::exp(-0.35));
+  EXPECT_NEAR(at0("bco_pair", d), bco_d, near(bco_d));
+  // 1 - 0.1 / 0.1 and 0.5 / 0.1 round (~ 10u of 5 each), squared into 36.5: < 300u.
+  EXPECT_NEAR(at0("sppo_hard", {}), std::pow(1 - 5, 2) + std::pow(-0.5 + 5, 2), 300 * 0x1p-53 * 36.25);
+  const double apo_zero = 1 - sigmoid(0.1) + sigmoid(-0.05), apo_down = sigmoid(0.1) + 1 - sigmoid(0.15);
+  EXPECT_NEAR(at0("apo_zero", {}), apo_zero, near(apo_zero));
+  EXPECT_NEAR(at0("apo_down", {}), apo_down, near(apo_down));
 }
 
-TEST(DpoLossFamily, Float32TermsWithin1e5OfDoubleFormula) {
+// The fp32 terms within their rounding: each log-prob is rounded to fp32 and enters one
+// subtraction (2u |x| each), which moves term j by sum_x |d term_j / d x| 2u |x| (the slopes
+// by central differences of the double formula); the term's own evaluation (an exp within
+// kExpUlps, a log within kLogUlps, <= 10 more roundings) adds (2 kExpUlps + 2 kLogUlps + 10)
+// u (1 + |term|).
+TEST(DpoLossFamily, Float32TermsWithinTheirRoundingOfTheDoubleFormula) {
   const Pairs p = sample_pairs();
+  constexpr double u = 0x1p-24;
   for (const auto& type : kPairTypes) {
     const Opts o = opts_for(type, 0.1);
     dpo::PairLogps t = pair_tensors(p, false);
     for (Tensor* x : {&t.pol_c, &t.pol_r, &t.ref_c, &t.ref_r}) *x = x->to(torch::kFloat);
     const auto got = to_vec(dpo::dpo_loss_term(type, t, options(type, o)));
     const auto want = formula(type, p, o);
-    for (size_t i = 0; i < want.size(); ++i)
-      EXPECT_NEAR(got[i], want[i], 1e-5 * std::max(1.0, std::abs(want[i]))) << type << " [" << i << "]";
+    std::vector<double> bound(want.size());
+    for (size_t j = 0; j < want.size(); ++j)
+      bound[j] = (2 * dpo::testutil::kExpUlps + 2 * dpo::testutil::kLogUlps + 10) * u * (1 + std::abs(want[j]));
+    for (std::vector<double> Pairs::*field : {&Pairs::pc, &Pairs::pr, &Pairs::rc, &Pairs::rr})
+      for (size_t i = 0; i < p.size(); ++i) {
+        const double x = (p.*field)[i], h = 1e-6 * std::max(1.0, std::abs(x));
+        Pairs up = p, down = p;
+        (up.*field)[i] += h;
+        (down.*field)[i] -= h;
+        const auto fu = formula(type, up, o), fd = formula(type, down, o);
+        for (size_t j = 0; j < want.size(); ++j) bound[j] += std::abs(fu[j] - fd[j]) / (2 * h) * 2 * u * std::abs(x);
+      }
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], bound[i]) << type << " [" << i << "]";
   }
 }
 
@@ -192,6 +223,8 @@ TEST(DpoLossFamily, GradientsMatchFiniteDifferencesOfTheFormula) {
           (side == 0 ? down.pc : down.pr)[i] -= h;
           const double fd = (sum(formula(type, up, o)) - sum(formula(type, down, o))) / (2 * h);
           const double an = side == 0 ? gc[i] : gr[i];
+          // fp64 central differences (h = 1e-6) of smooth terms: truncation h^2 / 6 times the
+          // third derivative (< 100 here) ~ 2e-11, rounding ~ 10 u |f| / h < 1e-8: 1e-6 is above both.
           EXPECT_NEAR(an, fd, 1e-6 + 1e-6 * std::abs(fd)) << type << " beta " << beta << (side ? " d/dpol_r[" : " d/dpol_c[") << i << "]";
           mass += std::abs(an);
         }
@@ -310,6 +343,8 @@ TEST(DpoLossFamily, BatchLossOfEveryTypeMatchesFormulaAndFiniteDifferences) {
       py[i] = keep - h;
       const double down = dpo::dpo_batch_loss(y, b.ids, b.mask, T(ref), d).loss.item<double>();
       py[i] = keep;
+      // fp64 central differences, h = 1e-5: truncation ~ h^2 / 6 times the third derivative ~ 1e-11, rounding
+      // ~ u |loss| / h ~ 1e-10: 1e-7 + 1e-6 |g| is above both.
       EXPECT_NEAR(an[i], (up - down) / (2 * h), 1e-7 + 1e-6 * std::abs(an[i])) << type << " logit " << i;
       mass += std::abs(an[i]);
     }
@@ -458,6 +493,8 @@ TEST(DpoLossFamily, GlobalTermsDoNotDependOnThePairOrder) {
     const auto d = options(types, Opts{});
     const auto a = dpo::dpo_global_terms(p.pc, p.pr, p.rc, p.rr, d);
     const auto b = dpo::dpo_global_terms(q.pc, q.pr, q.rc, q.rr, d);
+    // fp64: the same per-rank terms summed in another order: gamma(40) sum |t| < 1e-14 |sum|
+    // (all terms > 0); each pair's gradient is the same formula of its rank: ~ 1 ulp apart.
     EXPECT_NEAR(a.loss_sum, b.loss_sum, 1e-12 * std::abs(a.loss_sum)) << types;
     for (size_t i = 0; i < perm.size(); ++i) {
       EXPECT_NEAR(b.grad_c[i], a.grad_c[perm[i]], 1e-14) << types;
@@ -475,6 +512,7 @@ TEST(DpoLossFamily, SkipGlobalTermsLeavesOnlyTheLocalOnes) {
   dpo::DpoOptions one = options("sigmoid", Opts{});
   const auto a = dpo::dpo_batch_loss(b.logits, b.ids, b.mask, T(ref), mix);
   const auto s = dpo::dpo_batch_loss(b.logits, b.ids, b.mask, T(ref), one);
+  // fp64: the mixture's 0.5 * terms (an exact scaling) averaged as the plain loss is.
   EXPECT_NEAR(a.loss.item<double>(), 0.5 * s.loss.item<double>(), 1e-14);
   EXPECT_TRUE(dpo::dpo_has_global_terms(mix));
   EXPECT_FALSE(dpo::dpo_has_global_terms(one));
@@ -561,15 +599,86 @@ TEST(DpoLossFamily, WpoAndLdDpoMatchTheirFormulas) {
         if (types == "sigmoid,sft") term = term + nll;
         loss = loss + term / static_cast<double>(B);
       }
-      Tensor g_ref = torch::autograd::grad({loss}, {lg})[0];
+      Tensor g_ref = torch::autograd::grad({loss}, {lg}, {}, /*retain_graph=*/true)[0];  // kept for the slopes below
       const std::string what = types + " variant " + std::to_string(variant);
-      // head_logps works in fp32 (its log-probs are fp32 whatever the logits): 1e-5 relative.
-      EXPECT_NEAR(got.loss.item<double>(), loss.item<double>(), 1e-5 * std::abs(loss.item<double>())) << what;
-      EXPECT_LT((g - g_ref).abs().max().item<double>(), 1e-5 * g_ref.abs().max().item<double>()) << what;
+      // head_logps works in fp32 whatever the logits (fp64 logits are read through fp32:
+      // u |x| each). Bounds, first order: each sequence's log-prob lb_r (tests/fp_bounds.h,
+      // gathered_logp_sum_bound with that input error; the LD weights round once more) and
+      // WPO statistic wb_r (per token the log-prob's bound, twice the log-sum-exp bounds of 2x
+      // and x, the inputs' rounding through them (5u max |x|) and 3 roundings; a mean), carried
+      // to the loss by its slopes |d loss / d logp_r| (autograd on the double reference) and
+      // |term_i| w_i / B per unit of w_c + w_r, plus each pair's fp32 evaluation.
+      const std::vector<Tensor> seq_vars = [&] {
+        std::vector<Tensor> v(pol);
+        v.insert(v.end(), plain.begin(), plain.end());
+        return v;
+      }();
+      const auto slopes = torch::autograd::grad({loss}, seq_vars, {}, /*retain_graph=*/false, false, /*allow_unused=*/true);
+      auto slope = [&](size_t j) { return slopes[j].defined() ? std::abs(slopes[j].item<double>()) : 0.0; };
+      constexpr double u = 0x1p-24;
+      using dpo::testutil::kExpUlps;
+      using dpo::testutil::kLogUlps;
+      std::vector<int64_t> pos, tok, seq;
+      std::vector<double> wts;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t pair = r % B, lp = std::min(len[pair], len[B + pair]);
+        for (int64_t k = 0; k < len[r]; ++k) {
+          const int64_t t = T - len[r] + k;
+          pos.push_back(r * T + t - 1), tok.push_back(ids[r][t].item<int64_t>()), seq.push_back(r);
+          wts.push_back(o.ld_alpha != 1.0 && k >= lp ? o.ld_alpha : 1.0);
+        }
+      }
+      const Tensor rows = logits0.reshape({R * T, V}).index_select(0, torch::tensor(pos));
+      const Tensor in_err = u * rows.abs();
+      const Tensor tk = torch::tensor(tok), sq = torch::tensor(seq);
+      const auto lb_w = to_vec(dpo::testutil::gathered_logp_sum_bound(rows, tk, sq, R, torch::kFloat32,
+                                                                        torch::tensor(wts, torch::kDouble), in_err));
+      const auto lb_p = to_vec(dpo::testutil::gathered_logp_sum_bound(rows, tk, sq, R, torch::kFloat32, Tensor(), in_err));
+      const Tensor lsm_rows = torch::log_softmax(rows, 1);
+      const Tensor e_tok = (dpo::testutil::log_softmax_error_bound(rows, 1) +
+                            dpo::testutil::log_softmax_input_error(rows, in_err, 1)).gather(1, tk.unsqueeze(1)).squeeze(1);
+      const Tensor e_stat = e_tok + 2 * dpo::testutil::logsumexp_error_bound(2 * rows, 1).squeeze(1) +
+                            2 * dpo::testutil::logsumexp_error_bound(rows, 1).squeeze(1) + 5 * u * rows.abs().amax(1) +
+                            3 * u * (lsm_rows.gather(1, tk.unsqueeze(1)).squeeze(1).abs() + 3 * rows.logsumexp(1).abs());
+      std::vector<double> wb(R, 0.0);
+      for (size_t e = 0; e < pos.size(); ++e) wb[seq[e]] += e_stat[e].item<double>() / len[seq[e]];
+      double loss_bound = 0;
+      std::vector<double> weight(B, 1.0), dslope(R, 0.0);
+      for (int64_t i = 0; i < B; ++i) {
+        const double pc = pol[i].item<double>(), pr = pol[B + i].item<double>();
+        const double rc = ref[i].item<double>(), rr = ref[B + i].item<double>();
+        const double c = pc - rc, rj = pr - rr;
+        const double term = types == "bco_pair" ? -std::log(1 / (1 + std::exp(-o.beta * c))) - std::log(1 / (1 + std::exp(o.beta * rj)))
+                                                : -std::log(1 / (1 + std::exp(-o.beta * (c - rj))));
+        if (o.use_weighting) weight[i] = std::min(1.0, std::exp(wpo[i].item<double>() + wpo[B + i].item<double>()));
+        const double dw = o.use_weighting ? wb[i] + wb[B + i] + (2 * kExpUlps + 2) * u : 0.0;
+        const double eval = (2 * kExpUlps + 2 * kLogUlps + 12) * u * (1 + term + o.beta * (std::abs(pc) + std::abs(pr) + std::abs(rc) + std::abs(rr)));
+        loss_bound += (term * weight[i] * dw + eval) / B;
+        // The gradient's coefficient d loss / d logp: the second derivative of -log sigmoid is
+        // <= beta^2 / 4, and the weight and the derivative's own evaluation add relative errors.
+        const double curv = o.beta * o.beta / 4 * weight[i] / B;
+        const double both = types == "bco_pair" ? 0.0 : 1.0;
+        dslope[i] = curv * (lb_w[i] + both * lb_w[B + i]) + slope(i) * (dw + (2 * kExpUlps + 6) * u);
+        dslope[B + i] = curv * (lb_w[B + i] + both * lb_w[i]) + slope(B + i) * (dw + (2 * kExpUlps + 6) * u);
+      }
+      for (int64_t r = 0; r < R; ++r) loss_bound += slope(r) * lb_w[r] + slope(R + r) * lb_p[r];
+      loss_bound += dpo::testutil::gamma(B + 1) * std::abs(loss.item<double>());
+      EXPECT_NEAR(got.loss.item<double>(), loss.item<double>(), loss_bound) << what;
+      // Gradient entries c_e ([v == token] - p_v) at each scored position, c_e = slope_r w_e
+      // (+ the nll slope): p within softmax_error_bound plus the inputs' rounding through the
+      // softmax, 4u for the difference and the products; c_e within w_e dslope_r.
+      const Tensor sm_err = dpo::testutil::softmax_error_bound(rows, 1);
+      const Tensor p_in = torch::softmax(rows, 1) * (in_err + (torch::softmax(rows, 1) * in_err).sum(1, true));
+      Tensor g_bound = torch::zeros_like(logits0);
+      for (size_t e = 0; e < pos.size(); ++e) {
+        const int64_t r = seq[e];
+        const double c = slope(r) * wts[e] + slope(R + r);
+        g_bound.view({R * T, V})[pos[e]] += c * (sm_err[e] + p_in[e] + 4 * u) + wts[e] * dslope[r];
+      }
+      dpo::testutil::expect_within(g, g_ref, g_bound, what + " grad");
       for (int64_t i = 0; i < B; ++i) {  // the policy logps fed to the loss (and the rewards) are LD-weighted
-        EXPECT_NEAR(got.chosen_logps[i].item<double>(), pol[i].item<double>(), 1e-5 * std::abs(pol[i].item<double>())) << what;
-        EXPECT_NEAR(got.rejected_logps[i].item<double>(), pol[B + i].item<double>(),
-                    1e-5 * std::abs(pol[B + i].item<double>())) << what;
+        EXPECT_NEAR(got.chosen_logps[i].item<double>(), pol[i].item<double>(), lb_w[i]) << what;
+        EXPECT_NEAR(got.rejected_logps[i].item<double>(), pol[B + i].item<double>(), lb_w[B + i]) << what;
       }
     }
   }
