@@ -21,9 +21,13 @@ ctest --output-on-failure -j "$JOBS" --timeout 1200 "$@"
 # (ATEN_CPU_CAPABILITY), MKL's and oneDNN's limited to that instruction set, so the tests'
 # floating-point bounds are shown to hold on another CPU's kernels. CI sets it.
 if [ -n "${DPO_ALT_ISA:-}" ]; then
-  isa=$(tr '[:lower:]' '[:upper:]' <<<"$DPO_ALT_ISA")
-  [ "$isa" = DEFAULT ] && isa=SSE4_2
-  echo "unit tests again with ATEN_CPU_CAPABILITY=$DPO_ALT_ISA MKL_ENABLE_INSTRUCTIONS=$isa ONEDNN_MAX_CPU_ISA=$isa"
-  ATEN_CPU_CAPABILITY=$DPO_ALT_ISA MKL_ENABLE_INSTRUCTIONS=$isa ONEDNN_MAX_CPU_ISA=$isa \
+  case $DPO_ALT_ISA in
+    default) mkl=SSE4_2 dnnl=SSE41 ;;
+    avx2) mkl=AVX2 dnnl=AVX2 ;;
+    avx512) mkl=AVX512 dnnl=AVX512_CORE ;;
+    *) echo "test.sh: DPO_ALT_ISA=$DPO_ALT_ISA: one of default, avx2, avx512" >&2; exit 2 ;;
+  esac
+  echo "unit tests again with ATEN_CPU_CAPABILITY=$DPO_ALT_ISA MKL_ENABLE_INSTRUCTIONS=$mkl ONEDNN_MAX_CPU_ISA=$dnnl"
+  ATEN_CPU_CAPABILITY=$DPO_ALT_ISA MKL_ENABLE_INSTRUCTIONS=$mkl ONEDNN_MAX_CPU_ISA=$dnnl \
     ctest --output-on-failure -j "$JOBS" --timeout 1200 -L unit
 fi
