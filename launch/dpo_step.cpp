@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "core/dpo.h"
+#include "core/reference_mode.h"
 
 namespace dpo {
 
@@ -33,6 +34,57 @@ SeqLogps model_answer_logps(LlamaModel& model, const ModelBatch& b, bool chunked
                       extra);
   torch::Tensor logits = model->lm_logits(h);  // (rows, T, V) fp32
   return head_logps(logits, torch::Tensor(), b.target_position, b.target_token, b.target_sequence, b.sequences, extra);
+}
+
+SeqLogps padded_answer_logps(LlamaModel& model, const torch::Tensor& ids, const torch::Tensor& mask,
+                             const torch::Tensor& loss_mask) {
+  return sequence_logps(model->forward(ids, mask), ids, loss_mask);  // logits (2B, T, V)
+}
+
+torch::Tensor reference_logps(LlamaModel& model, const NamedLinears& adapters, const ModelBatch& b, bool chunked) {
+  torch::NoGradGuard ng;
+  ReferenceModeGuard reference(model, adapters);
+  return model_answer_logps(model, b, chunked).logps.to(torch::kFloat64);
+}
+
+torch::Tensor reference_logps(LlamaModel& model, const NamedLinears& adapters, const torch::Tensor& ids,
+                              const torch::Tensor& mask, const torch::Tensor& loss_mask) {
+  torch::NoGradGuard ng;
+  ReferenceModeGuard reference(model, adapters);
+  return padded_answer_logps(model, ids, mask, loss_mask).logps.to(torch::kFloat64);
+}
+
+DpoStepLoss dpo_padded_loss(const DpoModel& m, const std::vector<PreferenceExample>& ex, int64_t pad_id,
+                            const DpoOptions& opts, int64_t* tokens, double* flops, torch::Tensor* ref_out) {
+  LlamaModel model = m.model;
+  const PackedPairs p = collate_packed(ex, pad_id, /*share_prompt=*/false, /*one_row=*/false);  // counts only
+  if (tokens) *tokens += p.trl_tokens;
+  const bool ckpt = m.gradient_checkpointing && torch::GradMode::is_enabled();
+  if (flops)
+    *flops += dpo_step_flops(model->config(), p, DpoStepOptions{false, false, false}, true, !p.ref_logps.defined(), ckpt);
+  PreferenceBatch pb = collate_pairs(ex, pad_id);
+  auto ids = pb.input_ids.to(m.device), mask = pb.attention_mask.to(m.device), lm = pb.loss_mask.to(m.device);
+  torch::Tensor ref = pb.ref_logps.defined() ? pb.ref_logps : reference_logps(model, *m.adapters, ids, mask, lm);
+  if (ref_out) *ref_out = ref;
+  return dpo_batch_loss(model->forward(ids, mask), ids, lm, ref.to(m.device), opts);
+}
+
+DpoStepLoss dpo_packed_loss(const DpoModel& m, const std::vector<PreferenceExample>& ex, int64_t pad_id,
+                            const DpoStepOptions& so, const DpoOptions& opts, int64_t* tokens, double* flops,
+                            torch::Tensor* ref_out) {
+  LlamaModel model = m.model;
+  const PackedPairs p = collate_packed(ex, pad_id, so.share_prompt, so.padding_free);
+  if (tokens) *tokens += p.trl_tokens;
+  const bool ckpt = m.gradient_checkpointing && torch::GradMode::is_enabled();
+  ModelBatch b = model_batch(p, m.device);
+  const bool dense = model->attention_kernel() == AttentionKernel::kDense || model->compute_dtype() != torch::kFloat32 ||
+                     !m.device.is_cpu();
+  if (flops) *flops += dpo_step_flops(model->config(), p, so, dense, !p.ref_logps.defined(), ckpt);
+  torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(model, *m.adapters, b, so.chunked_logps);
+  if (ref_out) *ref_out = ref;
+  return dpo_batch_loss(model_answer_logps(model, b, so.chunked_logps,
+                                           policy_logps_options(opts, b.target_sequence, b.sequences)),
+                        ref.to(m.device), opts);
 }
 
 double dpo_step_flops(const LlamaConfig& cfg, const PackedPairs& p, const DpoStepOptions& o, bool dense_attention,

@@ -12,12 +12,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/dpo.h"
 #include "core/modules_to_save.h"
 #include "core/optim.h"
 #include "core/safetensors.h"
 #include "core/schedule.h"
-#include "data/collate.h"
 #include "data/preference_h5.h"
 #include "data/sampler.h"
 #include "dist/grad_sync.h"
@@ -25,6 +23,7 @@
 #include "launch/dpo_step.h"
 #include "launch/metrics_log.h"
 #include "launch/model_setup.h"
+#include "launch/objective.h"
 #include "launch/rng_state.h"
 #include "launch/run_dir.h"
 #include "launch/scoring.h"
@@ -38,25 +37,6 @@ namespace dpo {
 
 namespace {
 
-// The four log-prob columns of this rank's pairs that aot / aot_unpaired sort over
-// the global batch: policy chosen / rejected, reference chosen / rejected.
-struct PairColumns {
-  std::vector<double> pc, pr, rc, rr;
-  // pol_c, pol_r (B); ref (2B) = [chosen; rejected]
-  void add(const torch::Tensor& pol_c, const torch::Tensor& pol_r, const torch::Tensor& ref) {
-    const int64_t B = pol_c.size(0);
-    const torch::Tensor c = pol_c.to(torch::kCPU, torch::kFloat64).contiguous();
-    const torch::Tensor j = pol_r.to(torch::kCPU, torch::kFloat64).contiguous();
-    const torch::Tensor r = ref.to(torch::kCPU, torch::kFloat64).contiguous();
-    for (int64_t i = 0; i < B; ++i) {
-      pc.push_back(c.data_ptr<double>()[i]);
-      pr.push_back(j.data_ptr<double>()[i]);
-      rc.push_back(r.data_ptr<double>()[i]);
-      rr.push_back(r.data_ptr<double>()[B + i]);
-    }
-  }
-};
-
 // dpo_dist's own resume record in a checkpoint (trainer_state.json keeps HF's fields).
 constexpr const char* kResumeRecord = "dpo_dist_state.json";
 
@@ -64,10 +44,9 @@ using Clock = std::chrono::steady_clock;
 
 
 // The settings a checkpoint must agree on to be resumed (docs/usage.md, "Resuming").
-json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_batch) {
+json compat_record(const TrainOptions& o, const LoadedModel& m, const Objective& obj, int64_t global_batch) {
   const auto& c = m.model->config();
-  return json{{"stage", o.stage},
-              {"hidden_size", c.hidden_size},
+  json j{{"hidden_size", c.hidden_size},
               {"num_hidden_layers", c.num_hidden_layers},
               {"vocab_size", c.vocab_size},
               {"tokenizer_sha256", m.tokenizer_sha256},
@@ -78,6 +57,8 @@ json compat_record(const TrainOptions& o, const LoadedModel& m, int64_t global_b
               {"modules_to_save", o.modules_to_save},
               {"global_batch", global_batch},
               {"load_in_4bit", o.load_in_4bit}};
+  j.update(obj.compat());
+  return j;
 }
 
 std::string compat_diff(const json& saved, const json& now) {
@@ -108,15 +89,6 @@ class Trainer {
   void resume(const std::string& dir);
   void maybe_precompute_ref(const std::string& path, std::unique_ptr<PreferenceReader>& reader);
   void train_step();
-  void set_reference_mode(bool on);
-  torch::Tensor reference_logps(const ModelBatch& b);
-  torch::Tensor reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask);
-  DpoStepLoss batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens, double* flops,
-                             torch::Tensor* ref_out = nullptr);
-  DpoMetrics micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
-  DpoMetrics step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens);
-  DpoGlobalTerms global_terms(const PairColumns& local, size_t* offset);
-  SftMetrics micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens);
   void log_train();
   void evaluate();
   std::string save_checkpoint();
@@ -137,22 +109,17 @@ class Trainer {
   std::unique_ptr<ShardSampler> sampler_;
   std::unique_ptr<MetricsLog> log_;
   std::unique_ptr<ProgressLine> progress_;
-  DpoOptions dpo_opts_;
-  BcoRunningMean bco_;  // bco_pair's reward mean over the steps so far (all ranks)
-  DpoStepOptions step_opts_;
+  std::unique_ptr<Objective> objective_;  // --stage: the loss, its metrics, its state
   double peak_gflops_ = 0;  // fp32 matmul peak of a rank, averaged over ranks (train_mfu)
-  bool global_terms_ = false;
   ScheduleOptions sched_;
 
   int64_t global_batch_ = 0, steps_per_epoch_ = 0, total_steps_ = 0, global_step_ = 0;
   double last_grad_norm_ = 0, last_lr_ = 0;
-  // Log window (since the last log event), already reduced over ranks.
-  DpoMetrics win_dpo_;
-  SftMetrics win_sft_;
+  // Log window (since the last log event), already reduced over ranks; the metric
+  // sums are the objective's window.
   double win_tokens_ = 0, win_seconds_ = 0, win_grad_norm_sum_ = 0, win_flops_ = 0;
   int64_t win_steps_ = 0;
   int64_t last_saved_step_ = -1;
-  double step_flops_ = 0;  // executed FLOPs of this rank's current step
   RankGenerators rng_;  // LoRA dropout's generators (CPU, + this rank's GPU on --device cuda)
   std::vector<json> history_;
 };
@@ -162,14 +129,6 @@ void Trainer::setup() {
   comm_.set_timeout(o_.collective_timeout);
   // 1. options that depend on the process layout
   global_batch_ = o_.per_device_train_batch_size * o_.gradient_accumulation_steps * world_;
-  dpo_opts_ = o_.dpo_options();
-  validate_dpo_options(dpo_opts_);
-  step_opts_.share_prompt = o_.prefix_sharing;
-  step_opts_.padding_free = o_.padding_free;
-  // aot / aot_unpaired sort over the whole global batch: train_step gathers every
-  // rank's log-ratios and adds those terms itself (docs/objective.md).
-  global_terms_ = o_.stage == "dpo" && dpo_has_global_terms(dpo_opts_);
-  dpo_opts_.skip_global_terms = global_terms_;
 
   // 2. output dir (rank 0 creates; everyone checks it exists after a barrier)
   if (rank_ == 0) {
@@ -204,6 +163,7 @@ void Trainer::setup() {
   m_.model->set_attention_kernel(o_.padding_free || o_.prefix_sharing ? AttentionKernel::kChunked
                                                                       : AttentionKernel::kDense);
   m_.model->train();
+  objective_ = make_objective(ObjectiveEnv{o_, m_, comm_, rng_});
   params_ = lora_parameters(m_.projections);
   // modules_to_save: full fp32 copies, trained, synced and saved with the adapters.
   for (auto& p : modules_to_save_attach(m_.model, o_.modules_to_save)) params_.push_back(p);
@@ -234,7 +194,7 @@ void Trainer::setup() {
   steps_per_epoch_ = sampler_->steps_per_epoch();
   total_steps_ = o_.max_steps > 0 ? o_.max_steps
                                   : static_cast<int64_t>(std::ceil(o_.num_train_epochs * static_cast<double>(steps_per_epoch_)));
-  if (o_.stage == "dpo" && o_.precompute_ref_log_probs) {
+  if (objective_->needs_reference() && o_.precompute_ref_log_probs) {
     maybe_precompute_ref(o_.train_file, train_);
     if (eval_) maybe_precompute_ref(o_.eval_file, eval_);
   }
@@ -282,7 +242,7 @@ void Trainer::setup() {
     args["world_size"] = world_;
     write_file_atomic(o_.output_dir + "/training_args.json", args.dump(2) + "\n");
   }
-  say(std::string(o_.stage == "dpo" ? "DPO" : "SFT") + " on " + std::to_string(train_->size()) + " examples, " +
+  say(objective_->title() + " on " + std::to_string(train_->size()) + " examples, " +
       std::to_string(world_) + " rank(s) x " + std::to_string(o_.per_device_train_batch_size) + " x " +
       std::to_string(o_.gradient_accumulation_steps) + " accumulation = global batch " + std::to_string(global_batch_) +
       "; " + std::to_string(steps_per_epoch_) + " steps/epoch, " + std::to_string(total_steps_) + " steps" +
@@ -350,16 +310,15 @@ json Trainer::trainer_state() const {
 
 json Trainer::resume_record() const {
   json d;
-  d["compat"] = compat_record(o_, m_, global_batch_);
+  d["compat"] = compat_record(o_, m_, *objective_, global_batch_);
   d["world_size"] = world_;
   d["steps_per_epoch"] = steps_per_epoch_;
   d["data_position"] = {{"epoch", global_step_ / steps_per_epoch_}, {"step_in_epoch", global_step_ % steps_per_epoch_}};
   d["scheduler"] = {{"type", sched_.type}, {"base_lr", sched_.base_lr}, {"warmup_steps", sched_.warmup_steps},
                     {"total_steps", sched_.total_steps}, {"last_lr", last_lr_}};
-  d["bco_running_mean"] = {{"reward_sum", bco_.reward_sum}, {"count", bco_.count}};
-  d["log_window"] = {{"dpo", win_dpo_.to_vector()},     {"sft", win_sft_.to_vector()},
-                     {"tokens", win_tokens_},          {"seconds", win_seconds_},
-                     {"grad_norm_sum", win_grad_norm_sum_}, {"steps", win_steps_}, {"flops", win_flops_}};
+  d["log_window"] = {{"tokens", win_tokens_},  {"seconds", win_seconds_}, {"grad_norm_sum", win_grad_norm_sum_},
+                     {"steps", win_steps_}, {"flops", win_flops_}};
+  objective_->save_state(d);  // its log window, running statistics (bco_pair's mean)
   return d;
 }
 
@@ -372,7 +331,7 @@ void Trainer::resume(const std::string& dir) {
   else if (st.contains("dpo_dist")) d = st["dpo_dist"];
   else throw std::runtime_error(dir + ": no " + std::string(kResumeRecord) +
                                 "; not a checkpoint written by dpo_dist (it cannot be resumed)");
-  std::string diff = compat_diff(d["compat"], compat_record(o_, m_, global_batch_));
+  std::string diff = compat_diff(d["compat"], compat_record(o_, m_, *objective_, global_batch_));
   if (!diff.empty())
     throw std::runtime_error("cannot resume from " + dir + ": it was written with different settings (" + diff +
                              "); use the original settings, or a new --output_dir to start fresh");
@@ -386,20 +345,12 @@ void Trainer::resume(const std::string& dir) {
   last_lr_ = d["scheduler"].value("last_lr", 0.0);
   history_ = st["log_history"].get<std::vector<json>>();
   const json& w = d["log_window"];
-  win_dpo_ = DpoMetrics::from_vector(w["dpo"].get<std::vector<double>>());
-  std::vector<double> sft = w["sft"].get<std::vector<double>>();
-  sft.resize(SftMetrics::kNumFields, 0.0);  // 0.1 checkpoints had no token-accuracy field
-  win_sft_ = SftMetrics::from_vector(sft);
+  objective_->load_state(d);
   win_tokens_ = w["tokens"];
   win_seconds_ = w["seconds"];
   win_grad_norm_sum_ = w["grad_norm_sum"];
   win_steps_ = w["steps"];
   win_flops_ = w.value("flops", 0.0);
-  if (d.contains("bco_running_mean")) {  // absent in older checkpoints: bco_pair had no reward mean then
-    bco_.reward_sum = d["bco_running_mean"]["reward_sum"].get<double>();
-    bco_.count = d["bco_running_mean"]["count"].get<double>();
-    dpo_opts_.bco_delta = bco_.mean();
-  }
   // Every rank's dropout generators (CPU, and CUDA on --device cuda) continue where they
   // stopped; with another world size the ranks' streams cannot map one to one, and without
   // the file (deleted to change --device: launch/rng_state.h) there is nothing to continue:
@@ -419,189 +370,14 @@ void Trainer::resume(const std::string& dir) {
   say("resumed from " + dir + " at step " + std::to_string(global_step_));
 }
 
-// The reference model: the same 4-bit base with the LoRA adapters and the
-// modules_to_save copies off (PEFT's disable_adapter); on = back to the policy.
-void Trainer::set_reference_mode(bool on) {
-  lora_set_enabled(m_.projections, !on);
-  m_.model->set_modules_to_save_enabled(!on);
-}
-
-// Summed answer log-probs of the reference, no grad: packed layout ...
-torch::Tensor Trainer::reference_logps(const ModelBatch& b) {
-  torch::NoGradGuard ng;
-  set_reference_mode(true);
-  torch::Tensor ref = model_answer_logps(m_.model, b, step_opts_.chunked_logps).logps.to(torch::kFloat64);
-  set_reference_mode(false);
-  return ref;
-}
-
-// ... or padded [chosen; rejected] rows (the plain path).
-torch::Tensor Trainer::reference_logps(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& lmask) {
-  torch::NoGradGuard ng;
-  set_reference_mode(true);
-  torch::Tensor ref = sequence_logps(m_.model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
-  set_reference_mode(false);
-  return ref;
-}
-
-// A micro-batch's DPO loss: the plain path (TRL's: two padded rows per pair, full
-// logits, dense attention) or the packed layout (launch/dpo_step.h) with
-// --prefix_sharing / --padding_free. Adds the TRL-counted tokens and the executed
-// FLOPs; ref_out (optional) receives the reference log-probs used (2B).
-DpoStepLoss Trainer::batch_dpo_loss(const std::vector<PreferenceExample>& ex, int64_t pad_id, int64_t* tokens,
-                                    double* flops, torch::Tensor* ref_out) {
-  PackedPairs p = collate_packed(ex, pad_id, step_opts_.share_prompt, step_opts_.padding_free);
-  if (tokens) *tokens += p.trl_tokens;
-  const bool ckpt = o_.gradient_checkpointing && torch::GradMode::is_enabled();
-  if (!step_opts_.share_prompt && !step_opts_.padding_free) {
-    if (flops) *flops += dpo_step_flops(m_.model->config(), p, DpoStepOptions{false, false, false}, true,
-                                        !p.ref_logps.defined(), ckpt);
-    PreferenceBatch pb = collate_pairs(ex, pad_id);
-    auto ids = pb.input_ids.to(m_.device), mask = pb.attention_mask.to(m_.device), lm = pb.loss_mask.to(m_.device);
-    torch::Tensor ref = pb.ref_logps.defined() ? pb.ref_logps : reference_logps(ids, mask, lm);
-    if (ref_out) *ref_out = ref;
-    return dpo_batch_loss(m_.model->forward(ids, mask), ids, lm, ref.to(m_.device), dpo_opts_);
-  }
-  ModelBatch b = model_batch(p, m_.device);
-  const bool dense = m_.model->attention_kernel() == AttentionKernel::kDense || m_.model->compute_dtype() != torch::kFloat32 ||
-                     !m_.device.is_cpu();
-  if (flops) *flops += dpo_step_flops(m_.model->config(), p, step_opts_, dense, !p.ref_logps.defined(), ckpt);
-  torch::Tensor ref = p.ref_logps.defined() ? p.ref_logps : reference_logps(b);
-  if (ref_out) *ref_out = ref;
-  return dpo_batch_loss(model_answer_logps(m_.model, b, step_opts_.chunked_logps,
-                                           policy_logps_options(dpo_opts_, b.target_sequence, b.sequences)),
-                        ref.to(m_.device), dpo_opts_);
-}
-
-DpoMetrics Trainer::micro_dpo(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
-  DpoMetrics met;
-  if (idx.empty()) return met;
-  std::vector<PreferenceExample> ex;
-  ex.reserve(idx.size());
-  for (int64_t i : idx) ex.push_back(train_->get(i));
-  DpoStepLoss l = batch_dpo_loss(ex, train_->attrs().pad_id, tokens, &step_flops_);
-  // scale = world / global pairs of the step: after the gradient average over ranks
-  // this is the mean over every pair of the global batch.
-  (l.losses.sum() * scale).backward();
-  return l.metrics;
-}
-
-// Every rank gets the terms over all ranks' pairs (rank order) and its own offset;
-// a rank sends its columns as [pol_c..., pol_r..., ref_c..., ref_r...] (4n doubles).
-DpoGlobalTerms Trainer::global_terms(const PairColumns& mine, size_t* offset) {
-  std::vector<double> local = mine.pc;
-  local.insert(local.end(), mine.pr.begin(), mine.pr.end());
-  local.insert(local.end(), mine.rc.begin(), mine.rc.end());
-  local.insert(local.end(), mine.rr.begin(), mine.rr.end());
-  const auto all = comm_.allgather_string(std::string(reinterpret_cast<const char*>(local.data()), local.size() * sizeof(double)));
-  std::vector<double> pc, pr, rc, rr;
-  for (int r = 0; r < world_; ++r) {
-    const size_t n = all[r].size() / sizeof(double) / 4;
-    if (r == rank_) *offset = pc.size();
-    std::vector<double> v(4 * n);
-    std::memcpy(v.data(), all[r].data(), v.size() * sizeof(double));
-    pc.insert(pc.end(), v.begin(), v.begin() + n);
-    pr.insert(pr.end(), v.begin() + n, v.begin() + 2 * n);
-    rc.insert(rc.end(), v.begin() + 2 * n, v.begin() + 3 * n);
-    rr.insert(rr.end(), v.begin() + 3 * n, v.end());
-  }
-  return dpo_global_terms(pc, pr, rc, rr, dpo_opts_);
-}
-
-// A step whose loss sorts over the global batch (aot, aot_unpaired). Pass 1: every
-// micro-batch's reference and policy log-probs without grad (the dropout RNG state
-// before each policy forward is kept). The gathered pairs give each pair's
-// d(global terms)/d(policy logps). Pass 2: each micro-batch again with the same
-// dropout draws, back-propagating its local terms + those coefficients. Costs one
-// extra policy forward per micro-batch; holds one micro-batch's graph at a time.
-DpoMetrics Trainer::step_dpo_global(const std::vector<std::vector<int64_t>>& micro_batches, double scale, int64_t* tokens) {
-  struct Micro {
-    torch::Tensor ids, mask, lmask, ref;
-    RankRngState rng;  // dropout generators before the policy forward
-    int64_t pairs = 0;
-  };
-  std::vector<Micro> mbs;
-  PairColumns cols;
-  for (const auto& idx : micro_batches) {
-    if (idx.empty()) continue;
-    std::vector<PreferenceExample> ex;
-    for (int64_t i : idx) ex.push_back(train_->get(i));
-    PreferenceBatch b = collate_pairs(ex, train_->attrs().pad_id);
-    Micro m;
-    m.ids = b.input_ids.to(m_.device);
-    m.mask = b.attention_mask.to(m_.device);
-    m.lmask = b.loss_mask.to(m_.device);
-    m.pairs = b.num_pairs;
-    *tokens += b.attention_mask.sum().item<int64_t>();
-    m.ref = (b.ref_logps.defined() ? b.ref_logps : reference_logps(m.ids, m.mask, m.lmask)).to(torch::kFloat64);
-    m.rng = rng_capture(rng_);
-    torch::Tensor pol;
-    {
-      torch::NoGradGuard ng;
-      pol = sequence_logps(m_.model->forward(m.ids, m.mask), m.ids, m.lmask).logps.to(torch::kCPU, torch::kFloat64);
-    }
-    cols.add(pol.narrow(0, 0, m.pairs), pol.narrow(0, m.pairs, m.pairs), m.ref);
-    mbs.push_back(std::move(m));
-  }
-  size_t off = 0;
-  const DpoGlobalTerms g = global_terms(cols, &off);
-  DpoMetrics met;
-  if (rank_ == 0) met.loss_sum += g.loss_sum;  // the global sum, counted once over ranks
-  for (const auto& m : mbs) {
-    rng_restore(rng_, m.rng);
-    auto logits = m_.model->forward(m.ids, m.mask);
-    DpoStepLoss l = dpo_batch_loss(logits, m.ids, m.lmask, m.ref.to(m_.device), dpo_opts_);
-    std::vector<double> coef(2 * m.pairs);
-    for (int64_t i = 0; i < m.pairs; ++i) {
-      coef[i] = g.grad_c[off + i];
-      coef[m.pairs + i] = g.grad_r[off + i];
-    }
-    off += static_cast<size_t>(m.pairs);
-    const torch::Tensor c = torch::tensor(coef, torch::kFloat64).to(l.policy_logps.options());
-    ((l.losses.sum() + (l.policy_logps * c).sum()) * scale).backward();
-    met += l.metrics;
-  }
-  return met;
-}
-
-SftMetrics Trainer::micro_sft(const std::vector<int64_t>& idx, double scale, int64_t* tokens) {
-  if (idx.empty()) return {};
-  std::vector<PreferenceExample> ex;
-  for (int64_t i : idx) ex.push_back(train_->get(i));
-  SftBatch b = collate_sft(ex, train_->attrs().pad_id);
-  auto ids = b.input_ids.to(m_.device), mask = b.attention_mask.to(m_.device), lmask = b.loss_mask.to(m_.device);
-  *tokens += b.attention_mask.sum().item<int64_t>();
-  auto logits = m_.model->forward(ids, mask);
-  SftLoss l = sft_loss(logits, ids, lmask);
-  (l.nll_sum * scale).backward();
-  return SftMetrics::of(l, static_cast<int64_t>(idx.size()));
-}
-
 void Trainer::train_step() {
   const auto t0 = Clock::now();
   const int64_t epoch = global_step_ / steps_per_epoch_, in_epoch = global_step_ % steps_per_epoch_;
   StepPlan plan = sampler_->plan(epoch, in_epoch);
   m_.model->train();
-  int64_t tokens = 0;
-  step_flops_ = 0;
-  DpoMetrics dm;
-  SftMetrics sm;
-  if (o_.stage == "dpo") {
-    const double scale = static_cast<double>(world_) / static_cast<double>(plan.global_examples);
-    if (global_terms_) {
-      dm = step_dpo_global(plan.micro_batches, scale, &tokens);
-    } else {
-      for (const auto& mb : plan.micro_batches) dm += micro_dpo(mb, scale, &tokens);
-    }
-  } else {
-    // SFT normalises by the answer tokens of the whole global step: count them first.
-    double local = 0;
-    for (const auto& mb : plan.micro_batches)
-      for (int64_t i : mb) local += static_cast<double>(train_->lengths(i).chosen);
-    const double global = comm_.allreduce_sum(local);
-    const double scale = global > 0 ? static_cast<double>(world_) / global : 0.0;
-    for (const auto& mb : plan.micro_batches) sm += micro_sft(mb, scale, &tokens);
-  }
+  // 1-2. this rank's micro-batches: forward, loss, backward (the objective)
+  StepCounters counters;
+  std::vector<double> v = objective_->step(*train_, plan.micro_batches, plan.global_examples, &counters);
   // 3. one fused allreduce of the adapter gradients, averaged over ranks
   grad_sync_->sync();
   // 4. clip (norm before clipping is logged), step
@@ -609,46 +385,33 @@ void Trainer::train_step() {
   for (auto& p : params_) ps.push_back(p.second);
   last_grad_norm_ = clip_grad_norm(ps, o_.max_grad_norm);
   // 5. metrics: one small allreduce (sums), identical on every rank afterwards
-  std::vector<double> v = dm.to_vector();
-  std::vector<double> sv = sm.to_vector();
-  v.insert(v.end(), sv.begin(), sv.end());
-  v.push_back(step_flops_);
-  v.push_back(static_cast<double>(tokens));
+  const size_t n_sums = v.size();
+  v.push_back(counters.flops);
+  v.push_back(static_cast<double>(counters.tokens));
   comm_.allreduce_sum(v);
-  DpoMetrics gdm = DpoMetrics::from_vector(std::vector<double>(v.begin(), v.begin() + DpoMetrics::kNumFields));
-  SftMetrics gsm = SftMetrics::from_vector(
-      std::vector<double>(v.begin() + DpoMetrics::kNumFields, v.begin() + DpoMetrics::kNumFields + SftMetrics::kNumFields));
   const double step_tokens = v.back();
-  const double step_flops = v[v.size() - 2];
-  const double step_loss = o_.stage == "dpo" ? gdm.loss_sum / std::max(1.0, gdm.pairs) : gsm.nll_sum / std::max(1.0, gsm.tokens);
-  if (!std::isfinite(step_loss) || !std::isfinite(last_grad_norm_)) {
-    throw std::runtime_error("non-finite " + std::string(std::isfinite(step_loss) ? "gradient norm" : "loss") + " at step " +
-                             std::to_string(global_step_ + 1) + " (loss " + std::to_string(step_loss) + ", grad_norm " +
+  const double step_flops = v[n_sums];
+  v.resize(n_sums);
+  const StepSummary sum = objective_->summarize(v);
+  if (!std::isfinite(sum.loss) || !std::isfinite(last_grad_norm_)) {
+    throw std::runtime_error("non-finite " + std::string(std::isfinite(sum.loss) ? "gradient norm" : "loss") + " at step " +
+                             std::to_string(global_step_ + 1) + " (loss " + std::to_string(sum.loss) + ", grad_norm " +
                              std::to_string(last_grad_norm_) +
                              "); stopped before the optimizer step, no adapter with NaN/Inf was saved. "
                              "Try a lower --learning_rate or --max_grad_norm, or check the data");
   }
-  // bco_pair's reward mean: the next step (and evaluation) shifts by the steps so far.
-  bco_.add(gdm.rewards_chosen_sum, gdm.rewards_rejected_sum, gdm.pairs);
-  dpo_opts_.bco_delta = bco_.mean();
+  objective_->finish_step(v);  // its log window, and what the next step depends on
   last_lr_ = lr_at(sched_, global_step_);
   opt_->step(last_lr_);
   opt_->zero_grad();
   ++global_step_;
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  win_dpo_ += gdm;
-  win_sft_ += gsm;
   win_tokens_ += step_tokens;
   win_flops_ += step_flops;
   win_seconds_ += secs;
   win_grad_norm_sum_ += last_grad_norm_;
   ++win_steps_;
-  if (progress_)
-    // DPO: reward accuracy of the pairs; SFT: answer-token accuracy.
-    progress_->update(global_step_, step_loss,
-                      o_.stage == "dpo" ? (gdm.pairs > 0 ? gdm.rewards_accuracies_sum / gdm.pairs : NAN)
-                                        : (gsm.tokens > 0 ? gsm.correct / gsm.tokens : NAN),
-                      step_tokens / std::max(secs, 1e-9));
+  if (progress_) progress_->update(global_step_, sum.loss, sum.accuracy, step_tokens / std::max(secs, 1e-9));
 }
 
 void Trainer::log_train() {
@@ -657,11 +420,7 @@ void Trainer::log_train() {
     json ev;
     ev["step"] = global_step_;
     ev["epoch"] = static_cast<double>(global_step_) / static_cast<double>(steps_per_epoch_);
-    if (o_.stage == "dpo") {
-      for (const auto& [k, val] : win_dpo_.averages("")) ev[k] = val;
-    } else {
-      for (const auto& [k, val] : win_sft_.averages("")) ev[k] = val;
-    }
+    for (const auto& [k, val] : objective_->averages(objective_->window(), "")) ev[k] = val;
     ev["learning_rate"] = last_lr_;
     // The mean over the window's steps (like loss); HF logs the last step's norm, which
     // is the same with logging_steps 1.
@@ -671,22 +430,15 @@ void Trainer::log_train() {
       ev["train_mfu"] = win_flops_ / (std::max(win_seconds_, 1e-9) * peak_gflops_ * 1e9 * world_);
     log_->log(ev);
     if (!progress_->active()) {
-      char buf[256];
-      const double grad_norm = ev["grad_norm"].get<double>(), tps = ev["tokens_per_second"].get<double>();
-      if (o_.stage == "dpo") {
-        std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  acc %.3f  margin %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s",
-                      (long long)global_step_, (long long)total_steps_, ev["loss"].get<double>(),
-                      ev.value("rewards/accuracies", NAN), ev.value("rewards/margins", NAN), last_lr_, grad_norm, tps);
-      } else {
-        std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  token_acc %.3f  lr %.3g  grad_norm %.3f  %.0f tok/s",
-                      (long long)global_step_, (long long)total_steps_, ev["loss"].get<double>(),
-                      ev.value("mean_token_accuracy", NAN), last_lr_, grad_norm, tps);
-      }
-      say(buf);
+      char head[96], tail[96];
+      std::snprintf(head, sizeof head, "step %lld/%lld  loss %.4f", (long long)global_step_, (long long)total_steps_,
+                    ev["loss"].get<double>());
+      std::snprintf(tail, sizeof tail, "  lr %.3g  grad_norm %.3f  %.0f tok/s", last_lr_, ev["grad_norm"].get<double>(),
+                    ev["tokens_per_second"].get<double>());
+      say(head + objective_->console_metrics(ev, /*eval=*/false) + tail);
     }
   }
-  win_dpo_ = DpoMetrics{};
-  win_sft_ = SftMetrics{};
+  objective_->reset_window();
   win_tokens_ = win_seconds_ = win_grad_norm_sum_ = win_flops_ = 0;
   win_steps_ = 0;
 }
@@ -697,48 +449,18 @@ void Trainer::evaluate() {
   m_.model->eval();
   const int64_t n = eval_->size();
   const int64_t lo = n * rank_ / world_, hi = n * (rank_ + 1) / world_;
-  DpoMetrics dm;
-  SftMetrics sm;
-  PairColumns cols;  // global terms: this rank's eval pairs
-  for (int64_t s = lo; s < hi; s += o_.per_device_eval_batch_size) {
-    std::vector<PreferenceExample> ex;
-    for (int64_t i = s; i < std::min(hi, s + o_.per_device_eval_batch_size); ++i) ex.push_back(eval_->get(i));
-    if (o_.stage == "dpo") {
-      torch::Tensor ref;
-      DpoStepLoss l = batch_dpo_loss(ex, eval_->attrs().pad_id, nullptr, nullptr, &ref);
-      dm += l.metrics;
-      if (global_terms_) cols.add(l.chosen_logps, l.rejected_logps, ref);
-    } else {
-      SftBatch b = collate_sft(ex, eval_->attrs().pad_id);
-      auto ids = b.input_ids.to(m_.device);
-      SftLoss l = sft_loss(m_.model->forward(ids, b.attention_mask.to(m_.device)), ids, b.loss_mask.to(m_.device));
-      sm += SftMetrics::of(l, static_cast<int64_t>(ex.size()));
-    }
-  }
-  if (global_terms_) {
-    // aot / aot_unpaired over the whole eval set (sorted across ranks)
-    size_t off = 0;
-    const DpoGlobalTerms g = global_terms(cols, &off);
-    if (rank_ == 0) dm.loss_sum += g.loss_sum;
-  }
-  std::vector<double> v = o_.stage == "dpo" ? dm.to_vector() : sm.to_vector();
+  std::vector<double> v = objective_->evaluate(*eval_, lo, hi, o_.per_device_eval_batch_size);
   comm_.allreduce_sum(v);
   m_.model->train();
   if (rank_ != 0) return;
   json ev;
   ev["step"] = global_step_;
   ev["epoch"] = static_cast<double>(global_step_) / static_cast<double>(steps_per_epoch_);
-  auto avg = o_.stage == "dpo" ? DpoMetrics::from_vector(v).averages("eval_") : SftMetrics::from_vector(v).averages("eval_");
-  for (const auto& [k, val] : avg) ev[k] = val;
+  for (const auto& [k, val] : objective_->averages(v, "eval_")) ev[k] = val;
   log_->log(ev);
-  char buf[256];
-  if (o_.stage == "dpo")
-    std::snprintf(buf, sizeof buf, "eval step %lld: loss %.4f  rewards/accuracies %.3f  rewards/margins %.4f",
-                  (long long)global_step_, ev.value("eval_loss", NAN), ev.value("eval_rewards/accuracies", NAN),
-                  ev.value("eval_rewards/margins", NAN));
-  else
-    std::snprintf(buf, sizeof buf, "eval step %lld: loss %.4f", (long long)global_step_, ev.value("eval_loss", NAN));
-  say(buf);
+  char head[96];
+  std::snprintf(head, sizeof head, "eval step %lld: loss %.4f", (long long)global_step_, ev.value("eval_loss", NAN));
+  say(head + objective_->console_metrics(ev, /*eval=*/true));
 }
 
 std::string Trainer::save_checkpoint() {

@@ -1,8 +1,9 @@
-// The training loop of dpo_dist (DPO and SFT stages): one optimizer step is
+// The training loop of dpo_dist: it orders the step, the objective of --stage
+// (launch/objective.h: DPO, SFT) computes it. One optimizer step is
 //   1. this rank's micro-batches of the global batch (data/sampler)
-//   2. per micro-batch: reference log-probs (HDF5 /ref_logps, or a no-grad forward
-//      with adapters off), policy forward with adapters on, loss normalised by the
-//      GLOBAL number of pairs (SFT: answer tokens) of the step, backward
+//   2. Objective::step: per micro-batch reference log-probs where the loss needs them
+//      (HDF5 /ref_logps, or a no-grad forward with adapters off), policy forward, loss
+//      normalised by the GLOBAL count of the step (DPO: pairs; SFT: answer tokens), backward
 //   3. one fused all-reduce of the adapter gradients (dist/grad_sync), averaged
 //   4. clip by global norm (grad_norm logged before clipping), AdamW, LR schedule
 //   5. metric sums reduced over ranks; rank 0 logs, evaluates, checkpoints

@@ -4,6 +4,7 @@
 // log-probs, loss, rewards and LoRA gradients (separate padded rows, full logits,
 // dense attention) within fp32 rounding; the packed layout itself, index by index.
 #include <cmath>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "core/dpo.h"
 #include "core/llama.h"
 #include "core/lora.h"
+#include "core/reference_mode.h"
 #include "data/collate.h"
 #include "launch/dpo_step.h"
 #include "runtime/tensor_cache.h"
@@ -159,6 +161,66 @@ TEST(DpoStep, EveryLayoutAndKernelEqualsTheTrlPath) {
       }
     }
   }
+}
+
+// The objectives' micro-batch functions (dpo_padded_loss, dpo_packed_loss) are the
+// steps above, exactly; ReferenceModeGuard switches the adapters back on when its scope
+// ends, an exception included.
+TEST(DpoStep, MicroLossesAreTheStepsAndTheGuardRestores) {
+  torch::manual_seed(11);
+  dpo::LlamaModel m = tiny_model(2);
+  auto named = m->named_projections();
+  dpo::LoraConfig lc;
+  lc.target_modules = {"q_proj", "v_proj"};
+  lc.dropout = 0;
+  dpo::lora_attach(named, lc, 5);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : dpo::lora_parameters(named)) p.second.normal_(0, 0.05);
+  }
+  const auto ex = random_pairs(2, 97);
+  const dpo::DpoOptions opts;
+  const dpo::DpoModel dm{m, &named, torch::kCPU, false};
+
+  m->set_attention_kernel(dpo::AttentionKernel::kDense);
+  dpo::PreferenceBatch b = dpo::collate_pairs(ex, 0);
+  torch::Tensor ref;
+  {
+    torch::NoGradGuard ng;
+    dpo::lora_set_enabled(named, false);
+    ref = dpo::sequence_logps(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask).logps.to(torch::kFloat64);
+    dpo::lora_set_enabled(named, true);
+  }
+  int64_t tokens = 0;
+  double flops = 0;
+  torch::Tensor ref_used;
+  dpo::DpoStepLoss padded = dpo::dpo_padded_loss(dm, ex, 0, opts, &tokens, &flops, &ref_used);
+  EXPECT_TRUE(torch::equal(ref_used, ref));
+  EXPECT_TRUE(torch::equal(padded.losses,
+                           dpo::dpo_batch_loss(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask, ref, opts)
+                               .losses));
+  EXPECT_EQ(tokens, dpo::collate_packed(ex, 0, false, false).trl_tokens);
+  EXPECT_GT(flops, 0);
+
+  m->set_attention_kernel(dpo::AttentionKernel::kChunked);
+  const dpo::DpoStepOptions so;
+  dpo::ModelBatch mb = dpo::model_batch(dpo::collate_packed(ex, 0, so.share_prompt, so.padding_free), torch::kCPU);
+  torch::Tensor pref = dpo::reference_logps(m, named, mb, so.chunked_logps);
+  dpo::DpoStepLoss packed = dpo::dpo_packed_loss(dm, ex, 0, so, opts, nullptr, nullptr, &ref_used);
+  EXPECT_TRUE(torch::equal(ref_used, pref));
+  EXPECT_TRUE(torch::equal(packed.losses, dpo::dpo_batch_loss(dpo::model_answer_logps(m, mb, true), pref, opts).losses));
+
+  // The policy differs from the reference (B != 0), and the guard restores it on a throw.
+  const torch::Tensor policy = dpo::model_answer_logps(m, mb, true).logps.detach();
+  EXPECT_FALSE(torch::equal(policy.to(torch::kFloat64), pref));
+  try {
+    dpo::ReferenceModeGuard reference(m, named);
+    EXPECT_FALSE(m->modules_to_save_enabled());
+    throw std::runtime_error("inside");
+  } catch (const std::runtime_error&) {
+  }
+  EXPECT_TRUE(m->modules_to_save_enabled());
+  EXPECT_TRUE(torch::equal(dpo::model_answer_logps(m, mb, true).logps.detach(), policy));
 }
 
 TEST(DpoStep, FlopsShrinkWithSharingAndPacking) {
