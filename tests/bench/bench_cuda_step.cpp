@@ -34,6 +34,7 @@
 #include "core/lora.h"
 #include "core/nf4.h"
 #include "launch/cli.h"
+#include "launch/dpo_step.h"
 
 namespace {
 
@@ -201,13 +202,8 @@ int main(int argc, char** argv) {
       cuda_sync();
       reset_peak(0);
       const double t0 = now_s();
-      torch::Tensor ref;
-      {
-        torch::NoGradGuard ng;
-        dpo::lora_set_enabled(named, false);
-        ref = dpo::sequence_logps(model->forward(ids, mask), ids, lmask).logps.to(torch::kFloat64);
-        dpo::lora_set_enabled(named, true);
-      }
+      // The trainer's reference pass (launch/dpo_step.h: adapters off by ReferenceModeGuard).
+      torch::Tensor ref = dpo::reference_logps(model, named, ids, mask, lmask);
       cuda_sync();
       const double t1 = now_s();
       auto logits = model->forward(ids, mask);

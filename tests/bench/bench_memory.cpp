@@ -247,15 +247,9 @@ int main(int argc, char** argv) {
 
     // ---- 2. reference forward ---------------------------------------------
     t0 = now_s();
-    torch::Tensor ref;
-    {
-      torch::NoGradGuard ng;
-      dpo::lora_set_enabled(named, false);
-      ref = (trl ? dpo::sequence_logps(model->forward(pb.input_ids, pb.attention_mask), pb.input_ids, pb.loss_mask)
-                 : dpo::model_answer_logps(model, mb, true))
-                .logps.to(torch::kFloat64);
-      dpo::lora_set_enabled(named, true);
-    }
+    // The trainer's reference pass (launch/dpo_step.h: adapters off by ReferenceModeGuard).
+    torch::Tensor ref = trl ? dpo::reference_logps(model, named, pb.input_ids, pb.attention_mask, pb.loss_mask)
+                            : dpo::reference_logps(model, named, mb, true);
     report("reference forward (no grad)", now_s() - t0);
 
     // ---- 3. policy forward + loss + backward --------------------------------

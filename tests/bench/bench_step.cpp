@@ -240,17 +240,14 @@ int main(int argc, char** argv) {
       malloc_trim(0);
       model->set_attention_kernel(v.dense_attention ? dpo::AttentionKernel::kDense : dpo::AttentionKernel::kChunked);
       if (v.precomputed_ref) {  // untimed: what --precompute_ref_log_probs stores in the file
-        torch::NoGradGuard ng;
-        dpo::lora_set_enabled(named, false);
         for (size_t s = 0; s < batches.size(); ++s) {
           dpo::PackedPairs p = dpo::collate_packed(batches[s], 0, true, true);
-          ref_cache[s] = dpo::model_answer_logps(model, dpo::model_batch(p, torch::kCPU), true).logps.to(torch::kFloat64);
+          ref_cache[s] = dpo::reference_logps(model, named, dpo::model_batch(p, torch::kCPU), true);
           for (int64_t i = 0; i < P; ++i) {
             batches[s][i].ref_chosen = ref_cache[s][i].item<double>();
             batches[s][i].ref_rejected = ref_cache[s][P + i].item<double>();
           }
         }
-        dpo::lora_set_enabled(named, true);
       }
       StepResult total;
       torch::Tensor first_logps;
@@ -271,14 +268,8 @@ int main(int argc, char** argv) {
         dpo::DpoStepLoss l;
         if (v.trl) {
           dpo::PreferenceBatch b = dpo::collate_pairs(ex, 0);
-          torch::Tensor ref;
-          {
-            torch::NoGradGuard ng;
-            dpo::lora_set_enabled(named, false);
-            ref = dpo::sequence_logps(model->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask)
-                      .logps.to(torch::kFloat64);
-            dpo::lora_set_enabled(named, true);
-          }
+          // The trainer's padded path (launch/dpo_step.h dpo_padded_loss), timed in its parts.
+          torch::Tensor ref = dpo::reference_logps(model, named, b.input_ids, b.attention_mask, b.loss_mask);
           const double t1 = now_s();
           l = dpo::dpo_batch_loss(model->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask, ref, dopts);
           r.ref_s = t1 - t0;
@@ -288,13 +279,9 @@ int main(int argc, char** argv) {
         } else {
           dpo::PackedPairs p = dpo::collate_packed(ex, 0, v.opts.share_prompt, v.opts.padding_free);
           dpo::ModelBatch mb = dpo::model_batch(p, torch::kCPU);
+          // The trainer's packed path (launch/dpo_step.h dpo_packed_loss), timed in its parts.
           torch::Tensor ref = p.ref_logps;
-          if (!ref.defined()) {
-            torch::NoGradGuard ng;
-            dpo::lora_set_enabled(named, false);
-            ref = dpo::model_answer_logps(model, mb, v.opts.chunked_logps).logps.to(torch::kFloat64);
-            dpo::lora_set_enabled(named, true);
-          }
+          if (!ref.defined()) ref = dpo::reference_logps(model, named, mb, v.opts.chunked_logps);
           const double t1 = now_s();
           l = dpo::dpo_batch_loss(dpo::model_answer_logps(model, mb, v.opts.chunked_logps), ref, dopts);
           r.ref_s = t1 - t0;
