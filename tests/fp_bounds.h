@@ -251,4 +251,18 @@ inline bool expect_within(const torch::Tensor& actual, const torch::Tensor& expe
   return static_cast<bool>(r);
 }
 
+/// EXPECT_NEAR(actual, expected, bound) reported at the caller's line, prefixed with `what`;
+/// with DPO_FP_BOUNDS_VERBOSE set a pass prints |error| / bound, as expect_within does.
+inline bool expect_near(double actual, double expected, double bound, const std::string& what = "",
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  const double err = std::abs(actual - expected);
+  const bool ok = err <= bound || actual == expected;
+  if (!ok)
+    ADD_FAILURE_AT(file, line) << (what.empty() ? "" : what + ": ") << "|" << actual << " - " << expected
+                               << "| = " << err << " > bound " << bound;
+  else if (std::getenv("DPO_FP_BOUNDS_VERBOSE"))
+    std::printf("[fp_bounds] %s:%d %s: %.3g of the bound\n", file, line, what.c_str(), bound > 0 ? err / bound : 0.0);
+  return ok;
+}
+
 }  // namespace dpo::testutil

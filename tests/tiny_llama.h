@@ -50,11 +50,21 @@ inline TrainOptions tiny_run_options(const std::string& model_dir, const std::st
 /// token tiles, batch shape, BLAS blocking, thread count): 2 gamma(N), N the model's longest
 /// rounding chain (tests/fp_bounds.h, llama_forward_roundings), or 2N for gradients, whose
 /// backward chain follows the forward's. Against a float64 reference: half of it.
-inline double llama_rel_tolerance(const LlamaConfig& c, int64_t T, bool grads = false) {
+/// extra: roundings per evaluation on top of the model's chain (e.g. a merged weight's).
+inline double llama_rel_tolerance(const LlamaConfig& c, int64_t T, bool grads = false, double extra = 0) {
   const int64_t D = c.head_dim ? c.head_dim : c.hidden_size / c.num_attention_heads;
   const double n = llama_forward_roundings(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, D,
                                            c.intermediate_size, T);
-  return 2 * gamma(grads ? 2 * n : n);
+  return 2 * gamma((grads ? 2 * n : n) + extra);
 }
+
+/// Logged metrics of two short training runs whose evaluations differ only in the order of
+/// their sums, each forward + backward within tau relative (llama_rel_tolerance(c, T, true)):
+/// step k's metrics come from a forward after k - 1 AdamW updates. The update
+/// lr m^ / (sqrt(v^) + eps) is scale-free: gradients that differ by tau relative move it by
+/// <= 2 tau relative (m^ and sqrt(v^) by tau each) wherever a gradient is above its rounding
+/// noise (these tests' gradients are), so the metrics differ by the forward's tau plus the
+/// parameters' drift: (2k - 1) tau, relative to max(1, |metric|).
+inline double run_rel_tolerance(double tau, int64_t step) { return (2 * static_cast<double>(step) - 1) * tau; }
 
 }  // namespace dpo::testutil

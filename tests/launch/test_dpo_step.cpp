@@ -3,6 +3,7 @@
 // head or full logits) and attention kernel (chunked or dense) gives the TRL path's
 // log-probs, loss, rewards and LoRA gradients (separate padded rows, full logits,
 // dense attention) within fp32 rounding; the packed layout itself, index by index.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -20,6 +21,7 @@
 #include "launch/dpo_step.h"
 #include "runtime/tensor_cache.h"
 #include "runtime/threads.h"
+#include "tests/fp_bounds.h"
 #include "tests/tiny_llama.h"
 
 namespace {
@@ -145,6 +147,38 @@ TEST(DpoStep, EveryLayoutAndKernelEqualsTheTrlPath) {
       });
       Outcome want = finish(dpo::dpo_batch_loss(m->forward(b.input_ids, b.attention_mask), b.input_ids, b.loss_mask, ref, opts));
 
+      // Every layout is another fp32 evaluation of the same model (other shapes, kernels and
+      // sums): each logit within llama_rel_tolerance of the largest |logit| (tests/tiny_llama.h;
+      // T: the longest row of either layout), each scored token's log-prob within twice that
+      // (its logit and the log-sum-exp), a sequence's within its token count times that: t_r.
+      // The metrics' sums move by what they do with those log-probs (policy and reference
+      // each by t_r): the loss by beta (slope) on four log-probs and alpha on the RPO nll,
+      // rewards by beta on two, logps by t_r; mean logits by the logits' tolerance per token;
+      // the counts and accuracies are exact (no margin is within its error here).
+      const int64_t B = static_cast<int64_t>(ex.size());
+      const int64_t T_max = std::max<int64_t>(b.input_ids.size(1), dpo::collate_packed(ex, 0, true, true).input_ids.size(1));
+      double logit_scale;
+      {
+        torch::NoGradGuard ng;
+        logit_scale = m->forward(b.input_ids, b.attention_mask).abs().max().item<double>();
+      }
+      const double logit_tol = dpo::testutil::llama_rel_tolerance(m->config(), T_max) * logit_scale;
+      const torch::Tensor counts = b.loss_mask.narrow(1, 1, b.loss_mask.size(1) - 1).ne(0).sum(1).to(torch::kFloat64);
+      const torch::Tensor t_row = 2 * logit_tol * counts;  // (2B) [chosen; rejected]
+      const double tc_sum = t_row.narrow(0, 0, B).sum().item<double>(), tr_sum = t_row.narrow(0, B, B).sum().item<double>();
+      const double chosen_tokens = counts.narrow(0, 0, B).sum().item<double>();
+      const double rejected_tokens = counts.narrow(0, B, B).sum().item<double>();
+      const double beta = opts.beta, alpha = opts.rpo_alpha;
+      std::vector<double> metric_tol(dpo::DpoMetrics::kNumFields, 0.0);
+      metric_tol[1] = 2 * beta * (tc_sum + tr_sum) * 2 + alpha * B * tc_sum / chosen_tokens;  // loss_sum
+      metric_tol[2] = 2 * beta * tc_sum;                                                        // rewards chosen
+      metric_tol[3] = 2 * beta * tr_sum;                                                        // rewards rejected
+      metric_tol[5] = metric_tol[2] + metric_tol[3];                                           // margins
+      metric_tol[6] = tc_sum, metric_tol[7] = tr_sum;                                          // logps
+      metric_tol[8] = logit_tol * chosen_tokens, metric_tol[9] = logit_tol * rejected_tokens;  // logit sums
+      metric_tol[12] = tc_sum;                                                                  // nll_sum
+      const double grad_tol = dpo::testutil::llama_rel_tolerance(m->config(), T_max, /*grads=*/true);
+
       for (int bits = 0; bits < 16; ++bits) {
         dpo::DpoStepOptions so{(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0};
         m->set_attention_kernel((bits & 8) ? dpo::AttentionKernel::kChunked : dpo::AttentionKernel::kDense);
@@ -153,11 +187,15 @@ TEST(DpoStep, EveryLayoutAndKernelEqualsTheTrlPath) {
         torch::Tensor r = reference_of([&] { return dpo::model_answer_logps(m, mb, so.chunked_logps).logps; });
         Outcome got = finish(dpo::dpo_batch_loss(dpo::model_answer_logps(m, mb, so.chunked_logps), r, opts));
         const std::string what = "kv " + std::to_string(kv) + " ckpt " + std::to_string(ckpt) + " variant " + std::to_string(bits);
-        EXPECT_LT(rel_err(r, ref), 1e-5) << what;
-        EXPECT_LT(rel_err(got.logps, want.logps), 1e-5) << what;
+        dpo::testutil::expect_within(r, ref, t_row, what + " reference logps");
+        dpo::testutil::expect_within(got.logps, want.logps, t_row, what + " logps");
+        // + the fp32 / fp64 rounding of the sums themselves (gamma(2B + 1) of the magnitudes)
+        const double g = dpo::testutil::gamma(2 * B + 1);
         for (size_t i = 0; i < want.metrics.size(); ++i)
-          EXPECT_NEAR(got.metrics[i], want.metrics[i], 1e-5 * std::max(1.0, std::abs(want.metrics[i]))) << what << " metric " << i;
-        for (size_t i = 0; i < want.grads.size(); ++i) EXPECT_LT(rel_err(got.grads[i], want.grads[i]), 1e-4) << what << " grad " << i;
+          dpo::testutil::expect_near(got.metrics[i], want.metrics[i], metric_tol[i] + g * std::abs(want.metrics[i]),
+                                     what + " metric " + std::to_string(i));
+        for (size_t i = 0; i < want.grads.size(); ++i)
+          EXPECT_LT(rel_err(got.grads[i], want.grads[i]), grad_tol) << what << " grad " << i;
       }
     }
   }

@@ -5,6 +5,7 @@
 // 4096-parameter LoRA on a random base memorizes 64 pairs rather than learning the
 // bands, so fresh pairs would measure that base, not the loss). Also: the global-batch terms
 // (aot, aot_unpaired) give the same run whatever the split into micro-batches.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -24,6 +25,7 @@
 #include "dist/fake_communicator.h"
 #include "launch/train_options.h"
 #include "launch/trainer.h"
+#include "tests/fp_bounds.h"
 #include "tests/test_util.h"
 #include "tests/tiny_llama.h"
 
@@ -142,7 +144,9 @@ TEST_P(LossTrains, EvalRewardMarginAndAccuracyRise) {
   ASSERT_EQ(ev.size(), 2u);
   const double m0 = ev[0].at("eval_rewards/margins").get<double>(), m1 = ev[1].at("eval_rewards/margins").get<double>();
   const double a0 = ev[0].at("eval_rewards/accuracies").get<double>(), a1 = ev[1].at("eval_rewards/accuracies").get<double>();
-  EXPECT_EQ(m0, 0.0) << type;  // policy == reference before training
+  EXPECT_EQ(m0, 0.0) << type;  // policy == reference before training (bit for bit)
+  // Learning checks, not rounding: in every CPU setting the margins end at 0.52 (ipo) to
+  // 2.4 and the accuracies at >= 61/64 (apo_down), so neither threshold is thin.
   EXPECT_GT(m1, 0.05) << type << ": eval margin " << m0 << " -> " << m1;
   EXPECT_GE(a1, 0.9) << type << ": eval accuracy " << a0 << " -> " << a1;
   EXPECT_TRUE(std::isfinite(ev[1].at("eval_loss").get<double>())) << type;
@@ -206,6 +210,7 @@ TEST(LossTraining, BcoRunningMeanIsCheckpointedAndResumesExactly) {
       EXPECT_NE(lb.at(4), la.at(4)) << "resuming without the reward mean gave the same step 4";
       continue;
     }
+    // Exact: a resume replays the same steps on the same values (same kernels and threads).
     for (int64_t s = 4; s <= 6; ++s) EXPECT_EQ(lb.at(s), la.at(s)) << "step " << s;
     EXPECT_EQ(testutil::read_file(dir + "/adapter_model.safetensors"), testutil::read_file(a.path() + "/adapter_model.safetensors"));
   }
@@ -238,7 +243,12 @@ TEST(LossTraining, GlobalBatchSortDoesNotDependOnMicroBatches) {
     const auto la = losses(a.path()), lb = losses(b.path());
     ASSERT_EQ(la.size(), 4u);
     ASSERT_EQ(lb.size(), 4u);
-    for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], 1e-5 * std::abs(la[i])) << type << " step " << i + 1;
+    // One micro-batch or four: the same step in another order of sums (other batch shapes),
+    // the runs' tolerance at each step (tests/tiny_llama.h; rows of <= 32 tokens).
+    const double tau = testutil::llama_rel_tolerance(testutil::tiny_llama_config(task().vocab), 32, /*grads=*/true);
+    for (size_t i = 0; i < la.size(); ++i)
+      testutil::expect_near(lb[i], la[i], testutil::run_rel_tolerance(tau, i + 1) * std::max(1.0, std::abs(la[i])),
+                            type + " step " + std::to_string(i + 1));
     EXPECT_NE(la[3], la[0]) << type;  // it trained
   }
 }
