@@ -36,6 +36,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
@@ -240,11 +241,18 @@ ROWS = [
 ]
 
 
+# A ChatML-like template over the tokenizer's own special tokens (what TRL's conversational
+# rows and dpo_preprocess's chat path render).
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
 def make_tokenizer(out_dir, vocab_size=320):
     """A byte-level BPE (as Llama 3 / Qwen) trained on CORPUS by `tokenizers` and saved by
     transformers' PreTrainedTokenizerFast: tokenizer.json + tokenizer_config.json with
-    <pad> 0, <s> 1 (bos), </s> 2 (eos). Returns the transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    <pad> 0, <s> 1 (bos, added in front by the post-processor as Llama's tokenizers do),
+    </s> 2 (eos) and CHAT_TEMPLATE. Returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -252,7 +260,10 @@ def make_tokenizer(out_dir, vocab_size=320):
     tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, tr)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
