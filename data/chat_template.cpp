@@ -299,6 +299,13 @@ struct Dict {
 // {% set a.x = b %} can chain them in any order (no height bounds the chain), and
 // destroying a 100,000-long chain recursively overflowed the stack.
 Dict::~Dict() {
+  // Most dicts (a message: role, content) hold no list or dict only they own: nothing
+  // below them can recurse, and the plain destructor is faster.
+  bool owns_container = false;
+  for (const auto& kv : items)
+    owns_container = owns_container || (kv.second.d && kv.second.d.use_count() == 1) ||
+                     (kv.second.l && kv.second.l.use_count() == 1);
+  if (!owns_container) return;
   std::vector<Value> pending;
   auto take = [&](std::vector<std::pair<std::string, Value>>& kvs) {
     for (auto& kv : kvs) pending.push_back(std::move(kv.second));
