@@ -28,6 +28,8 @@
 #include "core/lora.h"
 #include "core/nf4.h"
 #include "launch/rng_state.h"
+#include "tests/fp_bounds.h"
+#include "tests/tiny_llama.h"
 
 namespace {
 
@@ -191,8 +193,20 @@ TEST(CudaModel, TinyQloraMatchesCpuInFp32) {
   ASSERT_EQ(g_c.size(), g_g.size());
   for (size_t i = 0; i < g_c.size(); ++i) d_g = std::max(d_g, max_rel_diff(g_g[i], g_c[i]));
   std::printf("CudaModel fp32: log-probs max rel diff %.3g, LoRA grads %.3g (CUDA vs CPU)\n", d_lp, d_g);
-  EXPECT_LE(d_lp, 1e-5);
-  EXPECT_LE(d_g, 1e-4);
+  // Two fp32 evaluations of the model (cuBLAS / CUDA kernels and the CPU's; TF32 is off):
+  // logits within llama_rel_tolerance of the largest |logit| (tests/tiny_llama.h), each
+  // row's log-prob within twice that per answer token (<= 12 here), relative to the largest
+  // |log-prob|; the gradients within the tolerance for gradients.
+  const dpo::LlamaConfig& cfg = cpu.model->config();
+  double logit_scale = 0;
+  {
+    torch::NoGradGuard ng;
+    const Batch b = tiny_batch(torch::kCPU);
+    logit_scale = cpu.model->forward(b.ids, b.mask).abs().max().item<double>();
+  }
+  const double tau = dpo::testutil::llama_rel_tolerance(cfg, 24);
+  EXPECT_LE(d_lp, 2 * 12 * tau * logit_scale / lp_c.abs().max().item<double>());
+  EXPECT_LE(d_g, dpo::testutil::llama_rel_tolerance(cfg, 24, /*grads=*/true));
 }
 
 TEST(CudaModel, GradientCheckpointingGivesTheSameGradients) {
@@ -209,8 +223,18 @@ TEST(CudaModel, GradientCheckpointingGivesTheSameGradients) {
     d_other = std::max(d_other, max_rel_diff(g2[i], g0[i]));
   }
   std::printf("CudaModel checkpointing: LoRA grads max rel diff %.3g (other dropout draw: %.3g)\n", d, d_other);
-  EXPECT_LE(max_rel_diff(lp1, lp0), 1e-6) << "log-probs differ with checkpointing";
-  EXPECT_LE(d, 1e-6);
+  // CUDA promises no bit-exact replay (atomics in backward, kernels chosen per call): the
+  // log-probs within the two-evaluation tolerance (as TinyQloraMatchesCpuInFp32), the
+  // gradients within the tolerance for gradients (tests/tiny_llama.h).
+  double logit_scale = 0;
+  {
+    torch::NoGradGuard ng;
+    logit_scale = m.model->forward(b.ids, b.mask).abs().max().item<double>();
+  }
+  const double tau = dpo::testutil::llama_rel_tolerance(m.model->config(), 24);
+  EXPECT_LE(max_rel_diff(lp1, lp0), 2 * 12 * tau * logit_scale / lp0.abs().max().item<double>())
+      << "log-probs differ with checkpointing";
+  EXPECT_LE(d, dpo::testutil::llama_rel_tolerance(m.model->config(), 24, /*grads=*/true));
   EXPECT_GT(d_other, 1e-3) << "dropout had no effect: the test would pass without the RNG replay";
 }
 
