@@ -579,6 +579,9 @@ Nf4Tensor nf4_from_bnb(const TensorLookup& lookup, const std::string& prefix) {
     fail(w + ".quant_map", "must hold 16 floating-point values, has " + shape_str(qmap));
   {
     const torch::Tensor q = qmap.to(torch::kCPU).to(torch::kFloat32).contiguous();
+    // bitsandbytes writes this very fp32 table (equal bit for bit); 1e-6 (8 ulps of |code| <= 1)
+    // also admits a table that went through another float format and back, never another
+    // code set (NF4's codes are >= 0.07 apart).
     for (int i = 0; i < 16; ++i)
       if (std::fabs(q.data_ptr<float>()[i] - kNf4Code[i]) > 1e-6f)
         fail(w + ".quant_map", "entry " + std::to_string(i) + " = " + std::to_string(q.data_ptr<float>()[i]) +

@@ -45,7 +45,9 @@ void write(const std::string& path, const std::string& text) {
 }
 
 // Every tick step is constant and "nice" (1, 2, 2.5 or 5 times a power of ten), the
-// range holds the data and starts/ends on a tick.
+// range holds the data and starts/ends on a tick. The axis code is scalar fp64 (glibc's
+// log10 / pow, no SIMD kernel): a tick k * step rounds once, a difference of two ticks twice
+// relative to the larger one, so the 1e-12 and 1e-9 slacks below are >= 4500 ulps.
 void expect_nice(const PlotAxis& a, double lo, double hi) {
   ASSERT_GE(a.ticks.size(), 3u);
   EXPECT_LE(a.lo, lo);
@@ -105,6 +107,7 @@ TEST(ReportPlot, LogAxisSpansWholeDecades) {
   EXPECT_DOUBLE_EQ(a.hi, 10);
   // 4 decades: powers of ten only
   ASSERT_EQ(a.ticks.size(), 5u);
+  // The same std::pow(10.0, e) the axis takes: exact but for 1e-15 (< 1 ulp of 10) of slack.
   for (size_t i = 0; i < a.ticks.size(); ++i) EXPECT_NEAR(a.ticks[i], std::pow(10.0, -3.0 + i), 1e-15);
 
   PlotAxis f = log_axis(1, 50);  // two decades or less: 1, 2, 5 steps
@@ -172,6 +175,7 @@ TEST(ReportPlot, ChartMapsDataInsideThePlotArea) {
   for (double y : {y0, y1}) EXPECT_TRUE(y >= 0 && y <= 260);
   // the axis ends on ticks at the data ends here (0..10, 0..1): the line spans the frame
   ASSERT_TRUE(std::regex_search(svg, m, std::regex("<rect x=\"([0-9.]+)\" y=\"([0-9.]+)\" width=\"([0-9.]+)\" height=\"([0-9.]+)\" class=\"frame\"")));
+  // SVG coordinates are printed with one decimal ("%.1f"): each within 0.05 of its value.
   EXPECT_NEAR(x0, std::stod(m[1]), 0.06);
   EXPECT_NEAR(x1, std::stod(m[1]) + std::stod(m[3]), 0.06);
   EXPECT_NEAR(y1, std::stod(m[2]), 0.06);
