@@ -37,9 +37,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
+# transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every config
+warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 import transformers  # noqa: E402
 
