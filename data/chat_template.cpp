@@ -273,9 +273,13 @@ struct Value {
   }
 };
 
+// Dicts (and namespaces) alive in this process, for the test that a render frees every
+// one it made (namespace cycles included).
+std::atomic<int64_t> g_live_dicts{0};
+
 struct Dict {
   std::vector<std::pair<std::string, Value>> items;
-  Dict() = default;
+  Dict() { ++g_live_dicts; }
   Dict(const Dict&) = delete;
   Dict& operator=(const Dict&) = delete;
   ~Dict();
@@ -299,6 +303,7 @@ struct Dict {
 // {% set a.x = b %} can chain them in any order (no height bounds the chain), and
 // destroying a 100,000-long chain recursively overflowed the stack.
 Dict::~Dict() {
+  --g_live_dicts;
   // Most dicts (a message: role, content) hold no list or dict only they own: nothing
   // below them can recurse, and the plain destructor is faster.
   bool owns_container = false;
@@ -1048,9 +1053,28 @@ struct Context {
   // Scopes a macro closes over. The scope holds the macro, the macro its scope: a
   // reference cycle, broken after the render by clearing these scopes' variables.
   std::vector<std::weak_ptr<Scope>> closures;
+  // Namespaces this render made. {% set ns.x = ns %} (or a list holding ns) is a
+  // reference cycle too: after the render their attributes are emptied (into a Dict that
+  // frees them without recursion). Expired entries are pruned as the list grows, so a loop
+  // that makes a namespace per step keeps this list as long as the live ones.
+  std::vector<std::weak_ptr<Dict>> namespaces;
+  size_t namespaces_pruned_at = 1024;
+  void made_namespace(const std::shared_ptr<Dict>& d) {
+    if (namespaces.size() >= namespaces_pruned_at) {
+      namespaces.erase(std::remove_if(namespaces.begin(), namespaces.end(), [](const auto& w) { return w.expired(); }),
+                       namespaces.end());
+      namespaces_pruned_at = std::max<size_t>(1024, 2 * namespaces.size());
+    }
+    namespaces.push_back(d);
+  }
   ~Context() {
     for (auto& w : closures)
       if (auto s = w.lock()) s->vars.clear();
+    for (auto& w : namespaces)
+      if (auto d = w.lock()) {
+        Dict emptied;
+        emptied.items.swap(d->items);
+      }
   }
 };
 
@@ -3258,8 +3282,9 @@ std::shared_ptr<Scope> make_globals() {
   add("raise_exception", [](CallArgs& a, Context&, int line) -> Value {
     fail(line, "raise_exception: " + (a.pos.empty() ? std::string() : to_str(a.pos[0])));
   });
-  add("namespace", [](CallArgs& a, Context&, int line) -> Value {
+  add("namespace", [](CallArgs& a, Context& ctx, int line) -> Value {
     auto d = std::make_shared<Dict>();
+    ctx.made_namespace(d);
     for (const auto& p : a.pos) {
       if (p.t != Value::kDict) fail(line, "namespace() takes keyword arguments (or a dict)");
       for (const auto& kv : p.d->items) d->set(kv.first, kv.second);
@@ -3373,6 +3398,7 @@ bool read_text_file(const std::string& path, std::string* out) {
 
 namespace detail {
 int64_t chat_template_live_scopes() { return jinja::g_live_scopes.load(); }
+int64_t chat_template_live_dicts() { return jinja::g_live_dicts.load(); }
 }  // namespace detail
 
 std::optional<ChatTemplateSource> find_chat_template(const std::string& file, const std::string& dir) {

@@ -93,6 +93,9 @@ namespace detail {
 /// Variable scopes of the template engine alive in this process (for the test that a
 /// render frees every scope it made, macro closures included).
 int64_t chat_template_live_scopes();
+/// Dicts and namespace() objects alive in this process (for the test that a render frees
+/// every one it made, a namespace that holds itself included).
+int64_t chat_template_live_dicts();
 }  // namespace detail
 
 }  // namespace dpo
