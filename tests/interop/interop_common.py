@@ -213,6 +213,16 @@ def h5_read(path, dataset):
     return [float(v) if any(c in v for c in ".eEn") else int(v) for v in vals]
 
 
+def h5_attr(path, name):
+    """A numeric root attribute of an HDF5 file (h5dump -a)."""
+    out = subprocess.run([shutil.which("h5dump") or "h5dump", "-a", "/" + name, path], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, check=True).stdout
+    m = re.search(r"DATA \{\s*\(0\): (-?\d+)", out)
+    if m is None:
+        raise RuntimeError(f"h5dump {path}: no attribute {name}")
+    return int(m.group(1))
+
+
 def h5_examples(path):
     """[(prompt ids, chosen ids, rejected ids)] of a dpo_preprocess file."""
     parts = {}
