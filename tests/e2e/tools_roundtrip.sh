@@ -6,7 +6,7 @@
 #  3. dpo_score --write_ref_logps stores /ref_logps, and --beta then reads them back
 #     (accuracy against itself: every reward 0, margin 0)
 #  4. dpo_merge of an adapter with B != 0 (from a short training run), loaded without the
-#     adapter, scores like base + adapter (dense base, fp32 tolerance)
+#     adapter, scores like base + adapter (dense base, fp32 noise: see the check)
 #  5. the same for Mistral (head_dim != hidden/heads), Qwen2 (q/k/v biases, tied) and
 #     Qwen3 (q/k norms) from dpo_init_model --architecture: dpo_quantize == NF4 on the
 #     fly, and dpo_merge of an adapter trained with --modules_to_save embed_tokens,lm_head
@@ -75,6 +75,10 @@ assert len(a) == len(m) == 16
 worst = max(abs(x[k] - y[k]) for x, y in zip(a, m) for k in ("chosen_logps", "rejected_logps"))
 moved = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("chosen_logps", "rejected_logps"))
 print("merge: max |adapter - merged| = %.2e, adapter moved scores by up to %.3f" % (worst, moved))
+# fp32 noise of two evaluations (the merged weights round once more). A derived bound needs
+# the logits' magnitude, which score files do not carry (test_training checks the same merge
+# within its derived bound), so 1e-3 is a margin over what every CPU setting shows (<= 2e-6
+# per log-prob: AVX-512, AVX2, ATen's scalar kernels, MKL at AVX2), far below 'moved'.
 assert worst < 1e-3, worst
 assert moved > 1e-3, "the adapter did not change anything: the test would not see a broken merge"
 PY
@@ -108,7 +112,7 @@ b = [json.loads(l) for l in open(d + "/s_base.jsonl")]
 worst = max(abs(x[k] - y[k]) for x, y in zip(a, m) for k in ("chosen_logps", "rejected_logps"))
 moved = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("chosen_logps", "rejected_logps"))
 print("%s merge: max |adapter - merged| = %.2e, training moved scores by up to %.3f" % (arch, worst, moved))
-assert worst < 1e-3, worst
+assert worst < 1e-3, worst  # as above: <= 2e-6 in every CPU setting
 assert moved > 1e-2, "training did not change anything"
 PY
 done
