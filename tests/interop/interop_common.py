@@ -74,8 +74,8 @@ class Checks:
         if not ok:
             self.failed.append(name)
         if group is not None:
-            m, b = self.largest.get(group, (0.0, bound))
-            if measured > m or measured != measured:
+            m, b = self.largest.get(group, (None, bound))
+            if m is None or measured > m or measured != measured:
                 self.largest[group] = (measured, bound)
         return ok
 
