@@ -114,41 +114,6 @@ netns_link() {
   ip link set "${netns_tag}v$1" "$2"
 }
 
-# cmp_adapters_rel A B RTOL: per tensor, max|a-b| / max|b| <= RTOL (F32 files).
-cmp_adapters_rel() {
-  python3 - "$1" "$2" "$3" <<'PY' || fail "adapters $1 and $2 differ (see above)"
-import array, json, struct, sys
-def load(path):
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    h = json.loads(raw[8:8 + n])
-    out = {}
-    for k, v in h.items():
-        if k == "__metadata__":
-            continue
-        assert v["dtype"] == "F32", "%s: %s is %s" % (path, k, v["dtype"])
-        a = array.array("f")
-        b, e = v["data_offsets"]
-        a.frombytes(raw[8 + n + b:8 + n + e])
-        out[k] = a
-    return out
-a, b, rtol = load(sys.argv[1]), load(sys.argv[2]), float(sys.argv[3])
-assert sorted(a) == sorted(b), "tensor names differ"
-worst, wk, trained = 0.0, None, 0
-for k in sorted(a):
-    scale = max((abs(x) for x in b[k]), default=0.0)
-    d = max((abs(x - y) for x, y in zip(a[k], b[k])), default=0.0)
-    if k.endswith("lora_B.weight") and scale > 0:
-        trained += 1
-    r = d / scale if scale > 0 else d
-    if r != r or r > worst:
-        worst, wk = r, k
-print("adapters: %d tensors, worst relative diff %.3g (%s), %d lora_B trained" % (len(a), worst, wk, trained))
-assert trained > 0, "every lora_B is zero: nothing was trained"
-assert worst <= rtol, "relative diff %.3g > %g" % (worst, rtol)
-PY
-}
-
 # cmp_losses_rel A.jsonl B.jsonl RTOL: the same training steps, |la-lb| / |lb| <= RTOL.
 cmp_losses_rel() {
   python3 - "$1" "$2" "$3" <<'PY' || fail "losses of $1 and $2 differ (see above)"
