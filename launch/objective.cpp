@@ -15,7 +15,9 @@ std::unique_ptr<Objective> make_objective(const ObjectiveEnv& env) {
   const std::string& stage = env.opts.stage;
   if (stage == "dpo") return make_dpo_objective(env);
   if (stage == "sft") return make_sft_objective(env);
-  throw std::runtime_error("--stage " + stage + ": not a stage (dpo, sft)");
+  if (stage == "orpo") return make_orpo_objective(env);
+  if (stage == "cpo") return make_cpo_objective(env);
+  throw std::runtime_error("--stage " + stage + ": not a stage (dpo, sft, orpo, cpo)");
 }
 
 }  // namespace dpo

@@ -11,7 +11,8 @@
 //     such as bco_pair's reward mean), and whether the loss needs a reference pass.
 // make_objective maps --stage (and, for DPO, the layout and loss type) to one
 // implementation: objective_dpo.cpp (TRL's padded path, the packed path, the two-pass
-// global-terms step of aot / aot_unpaired), objective_sft.cpp. A new stage is one file
+// global-terms step of aot / aot_unpaired), objective_sft.cpp, and the reference-free
+// pair objectives objective_orpo.cpp, objective_cpo.cpp. A new stage is one file
 // and one line of make_objective. The math without the model is core/dpo.h; the
 // micro-batch's layouts and the reference pass are launch/dpo_step.h.
 // Here, not in core/: an objective reads examples (data/) and reduces over ranks (dist/).
@@ -105,8 +106,11 @@ class Objective {
 /// Throws on an unknown stage.
 std::unique_ptr<Objective> make_objective(const ObjectiveEnv& env);
 
-// The implementations' constructors (objective_dpo.cpp, objective_sft.cpp).
+// The implementations' constructors (objective_dpo.cpp, objective_sft.cpp,
+// objective_orpo.cpp, objective_cpo.cpp).
 std::unique_ptr<Objective> make_dpo_objective(const ObjectiveEnv& env);
 std::unique_ptr<Objective> make_sft_objective(const ObjectiveEnv& env);
+std::unique_ptr<Objective> make_orpo_objective(const ObjectiveEnv& env);
+std::unique_ptr<Objective> make_cpo_objective(const ObjectiveEnv& env);
 
 }  // namespace dpo

@@ -72,7 +72,7 @@ MemoryEstimate estimate_memory(const LlamaConfig& c, const TrainOptions& o, int6
 std::string dry_run_plan(const TrainOptions& o, int world, int local_size) {
   std::ostringstream out;
   char buf[512];
-  const bool dpo = o.stage == "dpo";
+  const bool dpo = o.stage != "sft";  // every preference stage reads both rows
   const LlamaConfig cfg = llama_config_load(o.model_name_or_path + "/config.json");
   PreferenceReader train(o.train_file);
   const int64_t n = train.size();

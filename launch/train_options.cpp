@@ -1,8 +1,10 @@
 #include "launch/train_options.h"
 
+#include <cmath>
 #include <set>
 #include <sstream>
 
+#include "core/cpo.h"
 #include "core/dpo.h"
 #include "core/schedule.h"
 
@@ -27,10 +29,14 @@ void add_train_options(Cli& c) {
   c.add_string("eval_file", "", "HDF5 preference file for evaluation (optional)");
   c.add_string("output_dir", "", "where checkpoints, metrics.jsonl and the final adapter go");
   c.add_bool("group_by_length", false, "batch examples of similar length (less padding)");
-  c.add_string("stage", "dpo", "dpo|sft");
-  c.add_double("beta", 0.1, "DPO temperature beta");
+  c.add_string("stage", "dpo", "dpo|sft|orpo|cpo (orpo, cpo: TRL's ORPOTrainer / CPOTrainer, no reference model)");
+  c.add_double("beta", 0.1, "DPO / CPO temperature beta; ORPO's lambda (weight of the odds-ratio term)");
   c.add_string("loss_type", "sigmoid",
-               joined(dpo_loss_types(), "|") + ", or a comma-separated mixture of them (TRL's names and formulas)");
+               joined(dpo_loss_types(), "|") + ", or a comma-separated mixture of them (TRL's names and formulas); "
+               "--stage cpo: " + joined(cpo_loss_types(), "|"));
+  c.add_double("cpo_alpha", 1.0, "--stage cpo: weight of the chosen answers' NLL (alphapo sets it to 0)");
+  c.add_double("simpo_gamma", 0.5, "--stage cpo, loss simpo|alphapo: SimPO's target reward margin");
+  c.add_double("alpha", 0.0, "--stage cpo: AlphaPO reward shape r = (1 - p^-alpha) / alpha (0 = log-prob reward)");
   c.add_list("loss_weights", "", "weights of the --loss_type mixture, one per type (default 1 each)");
   c.add_double("discopop_tau", 0.05, "DiscoPOP temperature tau (loss_type discopop)");
   c.add_bool("use_weighting", false, "WPO: weight each pair's loss by its answers' probability under the policy");
@@ -138,6 +144,9 @@ TrainOptions train_options_from(const Cli& c) {
   o.loss_type = c.get_string("loss_type");
   o.label_smoothing = c.get_double("label_smoothing");
   o.rpo_alpha = c.get_double("rpo_alpha");
+  o.cpo_alpha = c.get_double("cpo_alpha");
+  o.simpo_gamma = c.get_double("simpo_gamma");
+  o.alpha = c.get_double("alpha");
   for (const auto& w : c.get_list("loss_weights")) {
     std::istringstream in(w);
     double v;
@@ -190,8 +199,39 @@ TrainOptions train_options_from(const Cli& c) {
   require(!o.model_name_or_path.empty(), "option --model_name_or_path is required (a Hugging Face Llama directory)");
   require(!o.train_file.empty(), "option --train_file is required (an HDF5 file written by dpo_preprocess)");
   require(!o.output_dir.empty(), "option --output_dir is required");
-  one_of("stage", o.stage, {"dpo", "sft"});
-  core_check([&] { validate_dpo_options(o.dpo_options()); });
+  one_of("stage", o.stage, {"dpo", "sft", "orpo", "cpo"});
+  const bool ref_free = o.stage == "orpo" || o.stage == "cpo";
+  if (!ref_free) core_check([&] { validate_dpo_options(o.dpo_options()); });
+  for (const char* n : {"cpo_alpha", "simpo_gamma", "alpha"})
+    require(o.stage == "cpo" || !c.given(n), std::string("option --") + n + " applies to --stage cpo only");
+  if (ref_free) {
+    // TRL's ORPOTrainer / CPOTrainer have none of DPO's extras; their layout is TRL's padded rows.
+    for (const char* n : {"loss_weights", "rpo_alpha", "discopop_tau", "use_weighting", "ld_alpha",
+                          "precompute_ref_log_probs", "padding_free", "prefix_sharing"})
+      require(!c.given(n), std::string("option --") + n + " applies to --stage dpo, not " + o.stage +
+                               " (no reference model; TRL's padded rows)");
+    o.padding_free = o.prefix_sharing = false;
+    require(o.beta > 0 && std::isfinite(o.beta), "option --beta must be > 0");
+  }
+  if (o.stage == "orpo") {
+    require(!c.given("loss_type"), "option --loss_type does not apply to --stage orpo (ORPO has one loss; --beta is its lambda)");
+    require(!c.given("label_smoothing"), "option --label_smoothing does not apply to --stage orpo");
+  }
+  if (o.stage == "cpo") {
+    CpoOptions co;
+    co.beta = o.beta;
+    co.loss_type = o.loss_type;
+    co.label_smoothing = o.label_smoothing;
+    co.cpo_alpha = o.cpo_alpha;
+    co.simpo_gamma = o.simpo_gamma;
+    co.alpha = o.alpha;
+    core_check([&] { validate_cpo_options(co); });
+    require(!c.given("simpo_gamma") || o.loss_type == "simpo" || o.loss_type == "alphapo",
+            "option --simpo_gamma applies to --stage cpo with --loss_type simpo|alphapo only");
+    require(!(c.given("cpo_alpha") && o.loss_type == "alphapo"),
+            "option --cpo_alpha: --loss_type alphapo sets it to 0 (TRL's CPOConfig); use --loss_type simpo --alpha A "
+            "to keep an NLL term");
+  }
   one_of("lr_scheduler_type", o.lr_scheduler_type, schedule_types());
   one_of("bnb_4bit_quant_type", o.bnb_4bit_quant_type, {"nf4"});
   one_of("bnb_4bit_compute_dtype", o.bnb_4bit_compute_dtype, {"auto", "float32", "bfloat16", "float16"});

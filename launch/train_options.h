@@ -23,8 +23,8 @@ struct TrainOptions {
   std::string train_file, eval_file, output_dir;
   bool group_by_length = false;
   // objective
-  std::string stage = "dpo";  // dpo | sft
-  double beta = 0.1;
+  std::string stage = "dpo";  // dpo | sft | orpo | cpo
+  double beta = 0.1;  // DPO / CPO temperature; ORPO's lambda
   std::string loss_type = "sigmoid";     // one type or a comma-separated mixture
   std::vector<double> loss_weights;      // empty = 1 per type
   double label_smoothing = 0.0;
@@ -32,6 +32,9 @@ struct TrainOptions {
   double discopop_tau = 0.05;
   bool use_weighting = false;            // WPO
   double ld_alpha = 1.0;                 // LD-DPO; 1 = off
+  double cpo_alpha = 1.0;    // CPO: weight of the chosen answers' NLL (alphapo: 0)
+  double simpo_gamma = 0.5;  // CPO simpo / alphapo: target reward margin
+  double alpha = 0.0;        // CPO: AlphaPO reward shape (0 = log-prob reward)
   bool precompute_ref_log_probs = false;
   bool padding_free = true;    // DPO micro-batch in one row (launch/dpo_step.h)
   bool prefix_sharing = true;  // [prompt; chosen; rejected] per pair
