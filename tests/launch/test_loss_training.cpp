@@ -26,6 +26,7 @@
 #include "launch/train_options.h"
 #include "launch/trainer.h"
 #include "tests/fp_bounds.h"
+#include "tests/launch/band_task.h"
 #include "tests/test_util.h"
 #include "tests/tiny_llama.h"
 
@@ -35,59 +36,10 @@ namespace {
 namespace fs = std::filesystem;
 
 // One model dir + data for the whole suite (training the test tokenizer takes a moment).
-struct Task {
-  testutil::TempDir dir{"dpo_loss_training"};
-  std::string model_dir, train_h5;
-  int64_t vocab = 0;
-};
-
+// Answers of one length per pair: the band, not the length, decides the preference.
+using Task = testutil::BandTask;
 Task& task() {
-  static Task* t = [] {
-    auto* t = new Task;
-    t->model_dir = t->dir.file("model");
-    fs::create_directories(t->model_dir);
-    fs::create_directories(t->dir.file("tok"));
-    const std::string tok = train_test_tokenizer(t->dir.file("tok"), 300);
-    TokenizerInfo info(tok);
-    t->vocab = info.vocab_size();
-    LlamaConfig c = testutil::tiny_llama_config(t->vocab);
-    c.max_position_embeddings = 64;
-    QuantOptions q;
-    q.load_in_4bit = true;
-    LlamaModel m = llama_init_random(llama_config_checked(c), 5, q);
-    llama_save_hf(m, t->model_dir, torch::kFloat32, 0);
-    fs::copy_file(tok, t->model_dir + "/tokenizer.model");
-    PreferenceAttrs a;
-    a.vocab_size = t->vocab;
-    a.bos_id = info.bos_id();
-    a.eos_id = info.eos_id();
-    a.pad_id = info.pad_id();
-    a.tokenizer_sha256 = info.sha256();
-    a.max_length = 32;
-    a.max_prompt_length = 16;
-    a.source = {"learnable bands"};
-    // The preference: chosen answers use ids [100, 130), rejected ones [130, 160).
-    auto write = [&](const std::string& path, int64_t n, uint64_t seed) {
-      std::mt19937_64 rng(seed);
-      std::uniform_int_distribution<int32_t> prompt_tok(3, 99), good(100, 129), bad(130, 159);
-      PreferenceWriter w(path, a);
-      for (int64_t i = 0; i < n; ++i) {
-        std::vector<int32_t> p{static_cast<int32_t>(info.bos_id())}, ch, rj;
-        // Answers of one length per pair: the band, not the length, decides the preference.
-        const int64_t lp = 3 + rng() % 5, lc = 2 + rng() % 4, lr = lc;
-        for (int64_t k = 0; k < lp; ++k) p.push_back(prompt_tok(rng));
-        for (int64_t k = 0; k < lc; ++k) ch.push_back(good(rng));
-        for (int64_t k = 0; k < lr; ++k) rj.push_back(bad(rng));
-        ch.push_back(static_cast<int32_t>(info.eos_id()));
-        rj.push_back(static_cast<int32_t>(info.eos_id()));
-        w.append(p, ch, rj);
-      }
-      w.close();
-    };
-    t->train_h5 = t->dir.file("train.h5");
-    write(t->train_h5, 64, 1);
-    return t;
-  }();
+  static Task* t = testutil::make_band_task("dpo_loss_training", 64, /*equal_answer_lengths=*/true);
   return *t;
 }
 
