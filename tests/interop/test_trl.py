@@ -12,7 +12,8 @@ model, rows, hyper-parameters and starting adapter.
    them); the logged losses of all 10 steps and the adapters after 10 AdamW steps
    <= 1e-3 relative (per tensor, Frobenius; the issue's bound: 10 steps of Adam amplify
    fp32 rounding of the gradients). Also with precompute_ref_log_probs, with gradient
-   accumulation, and on conversational rows.
+   accumulation, on conversational rows, and QLoRA (an NF4 base quantized on load by
+   transformers + bitsandbytes and by dpo_dist).
 3. The SFT stage against SFTTrainer (prompt/completion rows, completion-only loss): step 1's
    loss and mean_token_accuracy <= 1e-5, 10 steps' losses and adapters <= 1e-3.
 The starting adapter: dpo_dist draws its LoRA A from --seed (B = 0) and has no option to
@@ -174,7 +175,9 @@ def main():
     tok_dir = os.path.join(work, "tok")
     tok = ic.make_tokenizer(tok_dir)
     base = os.path.join(work, "base")
-    ic.tiny_model("llama", base, len(tok), seed=21)
+    # intermediate 128: bitsandbytes' CPU dequantize_4bit is wrong for in_features 96
+    # (test_bitsandbytes.py), which the QLoRA run below would otherwise meet in down_proj
+    ic.tiny_model("llama", base, len(tok), seed=21, intermediate_size=128)
     ic.copy_tokenizer(tok_dir, base)
     shutil.copy(os.path.join(tok_dir, "chat_template.jinja"), base)
     data = {}
@@ -197,10 +200,11 @@ def main():
     text_rows, text_h5 = data["text"]
     n = len(text_rows)
     dpo_init = os.path.join(work, "dpo_init")
-    common = ["--model_name_or_path", base, "--load_in_4bit", "false", "--lora_r", LORA["r"],
+    common = ["--model_name_or_path", base, "--lora_r", LORA["r"],
               "--lora_alpha", LORA["lora_alpha"], "--lora_dropout", 0, "--lora_target_modules",
               ",".join(LORA["target_modules"]), "--seed", 7, "--save_steps", 0, "--logging_steps", 1]
-    ic.run_tool("dpo_dist", *common, "--train_file", text_h5, "--output_dir", dpo_init, "--max_steps", 1,
+    ic.run_tool("dpo_dist", *common, "--load_in_4bit", "false", "--train_file", text_h5, "--output_dir", dpo_init,
+                "--max_steps", 1,
                 "--learning_rate", 0, "--per_device_train_batch_size", n)
     m, _ = ic.load_hf(base)
     pm = peft.PeftModel.from_pretrained(m, dpo_init)
@@ -217,9 +221,20 @@ def main():
     logit_scale = sum(zs) / len(zs)
     print(f"mean |logit| over the answer positions: {logit_scale:.3f}")
 
-    def run_trl(label, rows, loss_type, weights=None, precompute=False, batch=None, accum=1, **over):
-        m, _ = ic.load_hf(base)
+    def run_trl(label, rows, loss_type, weights=None, precompute=False, batch=None, accum=1, nf4=False, **over):
+        if nf4:  # QLoRA: transformers + bitsandbytes quantize the base on load (training mode: fp32 path)
+            from transformers import BitsAndBytesConfig
+            m, _ = ic.load_hf(base, device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+            # bitsandbytes' AVX512-BF16 CPU kernel (no-grad forwards: the reference pass) is bf16;
+            # its fp32 path is what dpo_dist computes (test_bitsandbytes.py)
+            for mod in m.modules():
+                if type(mod).__name__ == "Linear4bit":
+                    mod.support_avx512bf16_for_cpu = False
+        else:
+            m, _ = ic.load_hf(base)
         pm = peft.PeftModel.from_pretrained(m, start, is_trainable=True)
+        start_values = {k: p.detach().clone() for k, p in pm.named_parameters() if p.requires_grad}
         rec = Recorder()
         args = DPOConfig(output_dir=os.path.join(work, "trl_" + label), per_device_train_batch_size=batch or n,
                          gradient_accumulation_steps=accum, max_steps=STEPS, logging_steps=1, report_to="none",
@@ -229,10 +244,18 @@ def main():
         tr = DPOTrainer(model=pm, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                         callbacks=[rec.cb])
         tr.remove_callback(PrinterCallback)
+        if nf4:
+            # TRL 1.16 rounds a quantized model's LoRA weights to bf16 (QLoRA paper's advice), whatever
+            # args.bf16 says; dpo_dist keeps them fp32: the exact fp32 start is put back before the
+            # optimizer is made (PINNED)
+            for k, p in tr.model.named_parameters():
+                if k in start_values:
+                    p.data = start_values[k].clone()
         tr.train()
         return rec.logs, {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(tr.model).items()}
 
-    def run_dpo(label, h5, loss_type, weights=None, precompute=False, batch=None, accum=1, stage="dpo", **over):
+    def run_dpo(label, h5, loss_type, weights=None, precompute=False, batch=None, accum=1, stage="dpo", nf4=False,
+                **over):
         out = os.path.join(work, "dpo_" + label)
         if precompute:  # dpo_dist writes /ref_logps into the file
             h5c = os.path.join(work, label + ".h5")
@@ -244,7 +267,8 @@ def main():
             args += ["--loss_type", ",".join(loss_type)]
             if weights:
                 args += ["--loss_weights", ",".join(str(w) for w in weights)]
-        ic.run_tool("dpo_dist", *common, "--train_file", h5, "--output_dir", out, "--max_steps", STEPS,
+        ic.run_tool("dpo_dist", *common, "--load_in_4bit", str(nf4).lower(), "--train_file", h5, "--output_dir", out,
+                    "--max_steps", STEPS,
                     "--per_device_train_batch_size", batch or n, "--gradient_accumulation_steps", accum,
                     "--stage", stage, "--precompute_ref_log_probs", str(precompute).lower(), *args)
         logs = [r for r in ic.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
@@ -346,6 +370,10 @@ def main():
     compare("sigmoid, 2 micro-batches of 3 accumulated", run_trl("acc", text_rows, ["sigmoid"], batch=n // 2, accum=2),
             run_dpo("acc", text_h5, ["sigmoid"], batch=n // 2, accum=2),
             metrics=[k for k in METRICS if not k.startswith("logits/")])
+    print("PINNED QLoRA: TRL 1.16's DPOTrainer rounds a quantized model's LoRA weights to bf16 (dpo_dist keeps fp32 "
+          "on the CPU); the suite puts the exact fp32 start back to compare the NF4 path")
+    compare("sigmoid, QLoRA (NF4 base quantized on load by bitsandbytes / dpo_dist)",
+            run_trl("nf4", text_rows, ["sigmoid"], nf4=True), run_dpo("nf4", text_h5, ["sigmoid"], nf4=True))
     chat_rows, chat_h5 = data["chat"]
     nc = len(chat_rows)
     compare("sigmoid, conversational rows", run_trl("chat", chat_rows, ["sigmoid"], batch=nc),
