@@ -206,11 +206,15 @@ LoraConfig lora_config_load(const std::string& dir) {
       if (!j["modules_to_save"].is_array()) throw bad("modules_to_save", "must be a list of module names or null");
       for (const auto& m : j["modules_to_save"]) {
         if (!m.is_string()) throw bad("modules_to_save", "must be a list of module names, got " + m.dump());
-        const std::string name = m.get<std::string>();
+        // PEFT matches module names by suffix and writes a tied model's table under its
+        // short and its path name ("embed_tokens", "model.embed_tokens"): one module.
+        const std::string given = m.get<std::string>();
+        const std::string name = given.substr(given.rfind('.') == std::string::npos ? 0 : given.rfind('.') + 1);
         bool known = false;
         for (const auto& k : lora_saveable_modules()) known = known || k == name;
-        if (!known) throw bad("modules_to_save", "\"" + name + "\" is not supported (embed_tokens, lm_head)");
-        cfg.modules_to_save.push_back(name);
+        if (!known) throw bad("modules_to_save", "\"" + given + "\" is not supported (embed_tokens, lm_head)");
+        if (std::find(cfg.modules_to_save.begin(), cfg.modules_to_save.end(), name) == cfg.modules_to_save.end())
+          cfg.modules_to_save.push_back(name);
       }
     }
     cfg.ensure_weight_tying = j.contains("ensure_weight_tying") && j["ensure_weight_tying"].is_boolean() &&
@@ -252,6 +256,9 @@ LoraConfig lora_load_peft(const NamedLinears& named, const std::string& dir) {
     expected.insert(lora_peft_key(name, 'B'));
   }
   for (const auto& m : cfg.modules_to_save) saved.insert(lora_modules_to_save_key(m));
+  // A tied adapter (PEFT's ensure_weight_tying) holds its one copy under both tables' keys.
+  if (cfg.ensure_weight_tying && !cfg.modules_to_save.empty())
+    for (const auto& m : lora_saveable_modules()) saved.insert(lora_modules_to_save_key(m));
   for (const auto& k : file.names())
     if (!expected.count(k) && !saved.count(k))
       throw std::runtime_error(path + ": unexpected tensor " + k + " (no such adapted module in this model)");

@@ -34,6 +34,12 @@ torch::Tensor trainable_copy(const torch::Tensor& t) {
 
 }  // namespace
 
+std::vector<std::string> modules_to_save_recorded(const std::vector<std::string>& modules, bool tied) {
+  if (!tied || modules.empty()) return modules;
+  wanted(modules);  // the same checks as every other entry point
+  return {"embed_tokens", "lm_head"};
+}
+
 std::vector<std::pair<std::string, torch::Tensor>> modules_to_save_attach(LlamaModel& model,
                                                                           const std::vector<std::string>& modules) {
   const Wanted w = wanted(modules);
@@ -75,7 +81,9 @@ void modules_to_save_load(LlamaModel& model, const std::vector<std::string>& mod
   const LlamaConfig& c = model->config();
   std::vector<std::pair<std::string, torch::Tensor>> got;  // (module, tensor) validated
   for (const auto& m : modules) {
-    const std::string key = lora_modules_to_save_key(m);
+    std::string key = lora_modules_to_save_key(m);
+    const std::string twin = lora_modules_to_save_key(m == "embed_tokens" ? "lm_head" : "embed_tokens");
+    if (!file.has(key) && c.tie_word_embeddings && file.has(twin)) key = twin;  // one copy, one key
     if (!file.has(key)) throw std::runtime_error(path + ": missing tensor " + key + " (adapter_config.json lists " + m + " in modules_to_save)");
     torch::Tensor t = file.get(key);
     if (t.dim() != 2 || t.size(0) != c.vocab_size || t.size(1) != c.hidden_size)

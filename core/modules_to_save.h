@@ -24,6 +24,12 @@
 
 namespace dpo {
 
+/// The modules an adapter records for `modules` on a model with `tied` embeddings: a tied
+/// model's one trainable copy serves both tables, so it is recorded as both
+/// ("embed_tokens", "lm_head"), as PEFT's ensure_weight_tying saves and loads it (PEFT
+/// 0.22 fails on a tied adapter that holds only one of the two keys). Untied: `modules`.
+std::vector<std::string> modules_to_save_recorded(const std::vector<std::string>& modules, bool tied);
+
 /// Installs trainable fp32 copies of `modules` ("embed_tokens", "lm_head"; empty =
 /// none) initialised from the model's current tables, enabled. Returns the distinct
 /// trainable tensors (V, C) with the PEFT key of the first module each serves (for
@@ -36,8 +42,10 @@ std::vector<std::pair<std::string, torch::Tensor>> modules_to_save_state(const L
                                                                          const std::vector<std::string>& modules);
 /// Reads the `modules` tensors from dir/adapter_model.safetensors into the model's
 /// copies (attaching them first when missing; in place otherwise, so an optimizer
-/// keeps its references). Missing keys, wrong shapes, and different values under the
-/// two keys of a tied model throw naming the file and key.
+/// keeps its references). On a tied model a key the file lacks is read from its twin
+/// (adapters written with one key before modules_to_save_recorded). Missing keys, wrong
+/// shapes, and different values under the two keys of a tied model throw naming the file
+/// and key.
 void modules_to_save_load(LlamaModel& model, const std::vector<std::string>& modules, const std::string& dir);
 /// Writes the copies into the base tables (converted to their dtype) and removes
 /// them: the model then computes what the adapter model computed.

@@ -102,6 +102,7 @@ class Trainer {
 
   LoadedModel m_;
   LoraConfig lora_cfg_;
+  std::vector<std::string> saved_modules_;  // modules_to_save as the adapter records them (tied: both tables)
   std::vector<std::pair<std::string, torch::Tensor>> params_;  // PEFT name -> LoRA parameter
   std::unique_ptr<AdamW> opt_;
   std::unique_ptr<GradSync> grad_sync_;
@@ -154,7 +155,8 @@ void Trainer::setup() {
   lora_cfg_.dropout = o_.lora_dropout;
   lora_cfg_.target_modules = o_.lora_target_modules;
   lora_cfg_.use_rslora = o_.use_rslora;
-  lora_cfg_.modules_to_save = o_.modules_to_save;
+  saved_modules_ = modules_to_save_recorded(o_.modules_to_save, m_.model->config().tie_word_embeddings);
+  lora_cfg_.modules_to_save = saved_modules_;
   lora_cfg_.ensure_weight_tying = !o_.modules_to_save.empty() && m_.model->config().tie_word_embeddings;
   lora_attach(m_.projections, lora_cfg_, static_cast<uint64_t>(o_.seed));
   m_.model->set_gradient_checkpointing(o_.gradient_checkpointing);
@@ -166,7 +168,7 @@ void Trainer::setup() {
   objective_ = make_objective(ObjectiveEnv{o_, m_, comm_, rng_});
   params_ = lora_parameters(m_.projections);
   // modules_to_save: full fp32 copies, trained, synced and saved with the adapters.
-  for (auto& p : modules_to_save_attach(m_.model, o_.modules_to_save)) params_.push_back(p);
+  for (auto& p : modules_to_save_attach(m_.model, saved_modules_)) params_.push_back(p);
   int64_t n_params = 0;
   for (auto& p : params_) n_params += p.second.numel();
   say("model " + o_.model_name_or_path + " loaded in " +
@@ -336,7 +338,7 @@ void Trainer::resume(const std::string& dir) {
     throw std::runtime_error("cannot resume from " + dir + ": it was written with different settings (" + diff +
                              "); use the original settings, or a new --output_dir to start fresh");
   lora_load_peft(m_.projections, dir);
-  modules_to_save_load(m_.model, o_.modules_to_save, dir);
+  modules_to_save_load(m_.model, saved_modules_, dir);
   SafetensorsFile opt_file(dir + "/optimizer.safetensors");
   std::vector<std::pair<std::string, torch::Tensor>> state;
   for (const auto& n : opt_file.names()) state.emplace_back(n, opt_file.get(n).clone());
@@ -475,7 +477,7 @@ std::string Trainer::save_checkpoint() {
     json args;
     for (const auto& [k, v] : o_.dump) args[k] = v;
     path = checkpoint_commit(o_.output_dir, global_step_, [&](const std::string& tmp) {
-      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path, modules_to_save_state(m_.model, o_.modules_to_save));
+      lora_save_peft(m_.projections, lora_cfg_, tmp, o_.model_name_or_path, modules_to_save_state(m_.model, saved_modules_));
       safetensors_save(tmp + "/optimizer.safetensors", opt_->state(), {{"format", "dpo_dist AdamW"}});
       std::vector<RankRngState> all(cpu_states.size());
       for (size_t i = 0; i < all.size(); ++i) {
@@ -499,7 +501,7 @@ std::string Trainer::save_checkpoint() {
 void Trainer::save_final() {
   if (rank_ != 0) return;
   lora_save_peft(m_.projections, lora_cfg_, o_.output_dir, o_.model_name_or_path,
-                 modules_to_save_state(m_.model, o_.modules_to_save));
+                 modules_to_save_state(m_.model, saved_modules_));
   write_file_atomic(o_.output_dir + "/trainer_state.json", trainer_state().dump(2) + "\n");
 }
 

@@ -353,6 +353,15 @@ TEST(LoraPeft, SaveLoadRoundTripAndConfigKeys) {
   j2["target_modules"] = {"v_proj", "q_proj", "v_proj"};
   std::ofstream(fs::path(dir) / "adapter_config.json") << j2.dump();
   EXPECT_EQ(lora_config_load(dir).target_modules, (std::vector<std::string>{"v_proj", "q_proj"}));
+  // PEFT 0.22 records a tied model's table under its short and its path name: one module
+  // (found by tests/interop/test_peft.py); another path's last component must still be a
+  // supported module.
+  j2["modules_to_save"] = {"embed_tokens", "model.embed_tokens"};
+  std::ofstream(fs::path(dir) / "adapter_config.json") << j2.dump();
+  EXPECT_EQ(lora_config_load(dir).modules_to_save, (std::vector<std::string>{"embed_tokens"}));
+  j2["modules_to_save"] = {"model.layers.0.mlp"};
+  std::ofstream(fs::path(dir) / "adapter_config.json") << j2.dump();
+  expect_throw_with([&] { lora_config_load(dir); }, {"adapter_config.json", "model.layers.0.mlp", "not supported"});
 }
 
 TEST(LoraPeft, LoadValidationNamesKeyAndFile) {
