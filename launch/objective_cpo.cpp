@@ -16,13 +16,7 @@ namespace dpo {
 namespace {
 
 CpoOptions cpo_options_of(const TrainOptions& t) {
-  CpoOptions o;
-  o.beta = t.beta;
-  o.loss_type = t.loss_type;
-  o.label_smoothing = t.label_smoothing;
-  o.cpo_alpha = t.cpo_alpha;
-  o.simpo_gamma = t.simpo_gamma;
-  o.alpha = t.alpha;
+  const CpoOptions o = t.cpo_options();
   validate_cpo_options(o);
   return cpo_resolve(o);
 }

@@ -120,6 +120,17 @@ DpoOptions TrainOptions::dpo_options() const {
   return d;
 }
 
+CpoOptions TrainOptions::cpo_options() const {
+  CpoOptions c;
+  c.beta = beta;
+  c.loss_type = loss_type;
+  c.label_smoothing = label_smoothing;
+  c.cpo_alpha = cpo_alpha;
+  c.simpo_gamma = simpo_gamma;
+  c.alpha = alpha;
+  return c;
+}
+
 bool TrainOptions::reports_to(const std::string& sink) const {
   std::stringstream in(report_to);
   for (std::string t; std::getline(in, t, ',');)
@@ -218,13 +229,7 @@ TrainOptions train_options_from(const Cli& c) {
     require(!c.given("label_smoothing"), "option --label_smoothing does not apply to --stage orpo");
   }
   if (o.stage == "cpo") {
-    CpoOptions co;
-    co.beta = o.beta;
-    co.loss_type = o.loss_type;
-    co.label_smoothing = o.label_smoothing;
-    co.cpo_alpha = o.cpo_alpha;
-    co.simpo_gamma = o.simpo_gamma;
-    co.alpha = o.alpha;
+    const CpoOptions co = o.cpo_options();
     core_check([&] { validate_cpo_options(co); });
     require(!c.given("simpo_gamma") || o.loss_type == "simpo" || o.loss_type == "alphapo",
             "option --simpo_gamma applies to --stage cpo with --loss_type simpo|alphapo only");

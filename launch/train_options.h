@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpo.h"
 #include "core/dpo.h"
 #include "launch/cli.h"
 
@@ -77,6 +78,8 @@ struct TrainOptions {
 
   /// The objective's options (core/dpo) from these.
   DpoOptions dpo_options() const;
+  /// The CPO/SimPO options of --stage cpo, as given (not yet resolved or validated).
+  CpoOptions cpo_options() const;
   /// True when --report_to lists `sink` (jsonl, tensorboard, html).
   bool reports_to(const std::string& sink) const;
 
